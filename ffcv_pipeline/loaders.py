@@ -1,0 +1,126 @@
+"""FFCV loaders for CIFAR-100: JIT crop/flip/cutout on uint8, normalization on the device.
+
+    train: decode -> flip -> translate(pad 4) -> cutout -> to tensor -> to device (non-blocking)
+           -> channels-last torch image -> fp16/bf16/fp32 -> (x - mean) / std on the device
+    test:  decode -> to tensor -> to device -> channels-last -> dtype -> normalize
+
+All augmentation runs in numba-compiled ops on uint8 (``ops.py``); it is faster to move uint8
+to the device and convert there than to ship floats. On the CPU there is no device copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from .constants import CIFAR100_MEAN, CIFAR100_STD
+from .ops import AugmentationState, Cutout, RandomHorizontalFlip, RandomTranslate
+
+ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM,
+          'sequential': OrderOption.SEQUENTIAL}
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW (any memory format) -> ``dtype``, ``(x - mean) / std``; keeps the layout."""
+
+    def __init__(self, mean=CIFAR100_MEAN, std=CIFAR100_STD, dtype=torch.float16):
+        super().__init__()
+        self.dtype = dtype
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer('inv_std', 1 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self._cache: dict = {}
+
+    def _consts(self, device):
+        key = (device, self.dtype)
+        if key not in self._cache:  # once per device, not per batch
+            self._cache[key] = (self.mean.to(device, self.dtype), self.inv_std.to(device, self.dtype))
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._consts(x.device)
+        return x.to(self.dtype).sub_(mean).mul_(inv_std)
+
+
+def _fill(mean) -> tuple[int, int, int]:
+    # Padding/cutout fill the mean colour: zero after normalization, as in FFCV's CIFAR example.
+    return tuple(int(round(m)) for m in mean)
+
+
+def _tail(device: torch.device, dtype: torch.dtype, mean, std, non_blocking: bool = True) -> list:
+    ops = [ToTensor()]
+    if device.type != 'cpu':
+        ops.append(ToDevice(device, non_blocking=non_blocking))
+    ops += [ToTorchImage(channels_last=True), Normalize(mean, std, dtype)]
+    return ops
+
+
+def label_pipeline(*, device: torch.device) -> list:
+    ops = [IntDecoder(), ToTensor()]
+    if device.type != 'cpu':
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops + [Squeeze(), Convert(torch.int64)]
+
+
+def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
+                   flip: bool = True, padding: int = 4, cutout: int = 16,
+                   mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
+    fill = _fill(mean)
+    image = [SimpleRGBImageDecoder()]
+    if flip:
+        image.append(RandomHorizontalFlip(state))
+    if padding > 0:
+        image.append(RandomTranslate(state, padding=padding, fill=fill))
+    if cutout > 0:
+        image.append(Cutout(state, size=cutout, fill=fill))
+    image += _tail(device, dtype, mean, std)
+    return {'image': image, 'label': label_pipeline(device=device)}
+
+
+def test_pipeline(*, device: torch.device, dtype: torch.dtype,
+                  mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
+    return {'image': [SimpleRGBImageDecoder()] + _tail(device, dtype, mean, std),
+            'label': label_pipeline(device=device)}
+
+
+@dataclass
+class CifarLoader:
+    """An FFCV ``Loader`` whose order *and* augmentation are a function of the epoch number,
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    loader: Loader
+    state: AugmentationState | None = None
+
+    def epoch(self, epoch: int):
+        self.loader.next_epoch = epoch
+        if self.state is not None:
+            self.state.set_epoch(epoch)
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.loader.indices)
+
+
+def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_cache: bool,
+                drop_last: bool, pipelines: dict, distributed: bool = False, seed: int = 0,
+                indices: Sequence[int] | None = None, batches_ahead: int = 3,
+                state: AugmentationState | None = None) -> CifarLoader:
+    if order not in ORDERS:
+        raise ValueError(f'loader order {order!r} is not one of {sorted(ORDERS)}')
+    if distributed and order == 'quasi_random':
+        order = 'random'  # FFCV has no distributed quasi-random order
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
+                    order=ORDERS[order], os_cache=os_cache, drop_last=drop_last,
+                    distributed=distributed, seed=seed,
+                    indices=None if indices is None else np.asarray(indices),
+                    pipelines={**pipelines, 'coarse_label': None}, batches_ahead=batches_ahead)
+    return CifarLoader(loader, state)

@@ -1,0 +1,206 @@
+"""FFCV JIT (numba) augmentation ops with *reproducible* randomness.
+
+FFCV's own ``RandomHorizontalFlip``/``RandomTranslate``/``Cutout`` draw from numba's
+per-thread generators, which are seeded from OS entropy: the same run twice -- or a run
+resumed from a checkpoint -- sees different augmentations. These ops have the same semantics
+(translate = FFCV's "crop": shift by up to ``padding`` pixels, fill the uncovered border;
+cutout = a ``size`` x ``size`` square fully inside the image), but every random draw is a pure
+function of ``(seed, epoch, sample index, op)`` through a counter-based hash (splitmix64).
+So augmentations do not depend on thread count, batch size, batch order or on where a run
+was resumed, while differing from epoch to epoch and from sample to sample.
+
+The seed and epoch live in a small numpy array (:class:`AugmentationState`) that the compiled
+code reads through ffcv's ``memcpy`` at the start of each batch: numba freezes captured arrays
+as compile-time constants, so an address is what lets ``set_epoch`` reach compiled code
+without recompiling the pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+from numba import njit
+
+from ffcv.libffcv import ctypes_memcopy
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+# per-op salts so flip, translate and cutout draw independent numbers for the same sample
+SALT_FLIP, SALT_TRANSLATE, SALT_CUTOUT = np.uint64(0xF11F), np.uint64(0x7A45), np.uint64(0xC07)
+
+
+@njit(inline='always')
+def mix64(z):
+    """splitmix64 finalizer: a bijective, well-mixed hash of a uint64."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(inline='always')
+def sample_key(seed, epoch, index, salt):
+    """64 random bits for (seed, epoch, sample index, op)."""
+    return mix64(mix64(mix64(seed ^ salt) ^ epoch) ^ np.uint64(index))
+
+
+@njit(inline='always')
+def uniform_int(bits, n):
+    """An integer in [0, n) from 32 random bits (multiply-shift, no modulo bias to speak of)."""
+    return np.int64(((bits & np.uint64(0xFFFFFFFF)) * np.uint64(n)) >> np.uint64(32))
+
+
+class AugmentationState:
+    """``[seed, epoch]`` shared by a pipeline's random ops; ``set_epoch`` before each epoch."""
+
+    def __init__(self, seed: int = 0):
+        self.array = np.array([seed & (2**64 - 1), 0], dtype=np.uint64)
+
+    @property
+    def address(self) -> int:
+        return self.array.ctypes.data
+
+    @property
+    def seed(self) -> int:
+        return int(self.array[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.array[1] = epoch
+
+
+def _state_reader(state: AugmentationState):
+    address = state.address
+
+    @njit(nogil=True, inline='always')
+    def read_state(out):
+        ctypes_memcopy(address, out.ctypes.data, 16)
+
+    return read_state
+
+
+class _RandomOp(Operation):
+    def __init__(self, state: AugmentationState):
+        super().__init__()
+        self.state = state  # keeps the array (and so the address) alive
+
+
+class RandomHorizontalFlip(_RandomOp):
+    """Flip each image left-right with probability ``prob`` (uint8 NHWC, in place)."""
+
+    def __init__(self, state: AugmentationState, prob: float = 0.5):
+        super().__init__(state)
+        self.prob = prob
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        read_state = _state_reader(self.state)
+        threshold = np.uint64(min(max(self.prob, 0.0), 1.0) * 2**32)
+        salt = SALT_FLIP
+
+        def flip(images, _dst, indices):
+            st = np.empty(2, np.uint64)
+            read_state(st)
+            w = images.shape[2]
+            for i in my_range(images.shape[0]):
+                bits = sample_key(st[0], st[1], indices[i], salt)
+                if (bits & np.uint64(0xFFFFFFFF)) < threshold:
+                    img = images[i]
+                    for y in range(img.shape[0]):
+                        for x in range(w // 2):
+                            for c in range(img.shape[2]):
+                                t = img[y, x, c]
+                                img[y, x, c] = img[y, w - 1 - x, c]
+                                img[y, w - 1 - x, c] = t
+            return images
+
+        flip.is_parallel = True
+        flip.with_indices = True
+        return flip
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        return replace(previous_state, jit_mode=True), None
+
+
+class RandomTranslate(_RandomOp):
+    """Shift each image by (dy, dx), each uniform in [-padding, padding]; pixels shifted in
+    from outside take ``fill`` (FFCV's and torchvision's pad-then-random-crop)."""
+
+    def __init__(self, state: AugmentationState, padding: int = 4, fill=(0, 0, 0)):
+        super().__init__(state)
+        self.padding = int(padding)
+        self.fill = np.array(fill, dtype=np.uint8)
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        read_state = _state_reader(self.state)
+        pad, fill, salt = self.padding, self.fill, SALT_TRANSLATE
+
+        def translate(images, dst, indices):
+            st = np.empty(2, np.uint64)
+            read_state(st)
+            n, h, w, c = images.shape
+            for i in my_range(n):
+                bits = sample_key(st[0], st[1], indices[i], salt)
+                dy = uniform_int(bits, 2 * pad + 1) - pad
+                dx = uniform_int(bits >> np.uint64(32), 2 * pad + 1) - pad
+                for y in range(h):
+                    sy = y + dy
+                    for x in range(w):
+                        sx = x + dx
+                        if 0 <= sy < h and 0 <= sx < w:
+                            for k in range(c):
+                                dst[i, y, x, k] = images[i, sy, sx, k]
+                        else:
+                            for k in range(c):
+                                dst[i, y, x, k] = fill[k]
+            return dst[:n]
+
+        translate.is_parallel = True
+        translate.with_indices = True
+        return translate
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        return (replace(previous_state, jit_mode=True),
+                AllocationQuery(previous_state.shape, previous_state.dtype))
+
+
+class Cutout(_RandomOp):
+    """Fill one ``size`` x ``size`` square, uniformly placed fully inside the image, with
+    ``fill`` (in place). ``size=0`` disables it."""
+
+    def __init__(self, state: AugmentationState, size: int = 16, fill=(0, 0, 0)):
+        super().__init__(state)
+        self.size = int(size)
+        self.fill = np.array(fill, dtype=np.uint8)
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        read_state = _state_reader(self.state)
+        size, fill, salt = self.size, self.fill, SALT_CUTOUT
+
+        def cutout(images, _dst, indices):
+            st = np.empty(2, np.uint64)
+            read_state(st)
+            n, h, w, c = images.shape
+            for i in my_range(n):
+                bits = sample_key(st[0], st[1], indices[i], salt)
+                y0 = uniform_int(bits, h - size + 1)
+                x0 = uniform_int(bits >> np.uint64(32), w - size + 1)
+                for y in range(y0, y0 + size):
+                    for x in range(x0, x0 + size):
+                        for k in range(c):
+                            images[i, y, x, k] = fill[k]
+            return images
+
+        cutout.is_parallel = True
+        cutout.with_indices = True
+        return cutout
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        h, w, _ = previous_state.shape
+        if not 0 <= self.size <= min(h, w):
+            raise ValueError(f'cutout size {self.size} must lie in [0, {min(h, w)}]')
+        return replace(previous_state, jit_mode=True), None

@@ -1,0 +1,122 @@
+"""The checkpoint format: self-describing, written atomically, loadable with torch alone.
+
+A checkpoint is a dict saved with ``torch.save``::
+
+    format            'cifar100-ffcv-checkpoint'      (identifies our files)
+    format_version    1
+    model             state_dict of the bare model (unwrapped from DDP and torch.compile), fp32
+    model_config      {'arch': 'resnet18', 'num_classes': 100, 'width': 64}
+    class_names       100 fine label names;  coarse_names: 20 names;  fine_to_coarse: 100 ints
+    normalization     {'mean': [r, g, b], 'std': [r, g, b], 'scale': 255}  (pixels on 0-255)
+    image_size        32
+    config            the full resolved training config (dict)
+    epoch             epochs completed;  step: optimizer steps taken
+    metrics           {'test_top1', 'test_top5', 'best_top1', 'train_seconds', 'epochs_planned', ...}
+    created           ISO time;  torch_version
+    -- for resuming (absent from inference-only exports) --
+    optimizer, scaler, rng {'python', 'numpy', 'torch', 'cuda'}, best_top1
+
+Inference (``app/``, ``scripts/predict.py``) needs only torch and this module: no ffcv.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .resnet import ARCHS, build_model
+
+FORMAT = 'cifar100-ffcv-checkpoint'
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not one of our checkpoints; one clear line."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never
+    see a half-written checkpoint, and a crash mid-write keeps the previous one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location='cpu') -> dict:
+    """Load and validate one of our checkpoints; raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such checkpoint file')
+    try:
+        # weights_only: a checkpoint is data; refuse pickled code
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}); '
+                              f'expected a file written by scripts/train.py') from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+        raise CheckpointError(f'{path}: not a {FORMAT} file (train one with '
+                              f'`python scripts/train.py --config rn18.yaml`)')
+    if ckpt.get('format_version', 0) > FORMAT_VERSION:
+        raise CheckpointError(f'{path}: checkpoint format version {ckpt["format_version"]} is newer '
+                              f'than this code supports ({FORMAT_VERSION}); update the code')
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f'{path}: checkpoint lacks {", ".join(missing)}')
+    arch = ckpt['model_config'].get('arch')
+    if arch not in ARCHS:
+        raise CheckpointError(f'{path}: unknown architecture {arch!r} (known: {sorted(ARCHS)})')
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, *, channels_last: bool = True) -> torch.nn.Module:
+    """The checkpoint's model with its weights, in eval mode, on the CPU."""
+    cfg = ckpt['model_config']
+    model = build_model(cfg['arch'], num_classes=cfg['num_classes'], width=cfg.get('width', 64),
+                        channels_last=channels_last)
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise CheckpointError(f'checkpoint weights do not fit {cfg}: {str(e).splitlines()[0]}') from None
+    return model.eval()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, '_orig_mod'):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, 'module') and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, coarse_names,
+                    fine_to_coarse, mean, std, config: dict | None = None, epoch: int = 0,
+                    step: int = 0, metrics: dict | None = None, **extra) -> dict:
+    """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states)."""
+    import datetime as _dt
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+             for k, v in unwrap(model).state_dict().items()}
+    return {
+        'format': FORMAT, 'format_version': FORMAT_VERSION,
+        'model': state, 'model_config': dict(model_config),
+        'class_names': list(class_names), 'coarse_names': list(coarse_names),
+        'fine_to_coarse': [int(c) for c in fine_to_coarse],
+        'normalization': {'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
+                          'scale': 255},
+        'image_size': 32, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
+        'metrics': dict(metrics or {}),
+        'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
+        'torch_version': str(torch.__version__), **extra,
+    }

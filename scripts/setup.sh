@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Linux machine (used by `make setup`, `make run`, `make test`).
+#
+#   1. system packages ffcv's C++ helper builds against (pkg-config, OpenCV, libjpeg-turbo),
+#   2. a virtual environment in $VENV (default .venv) with the pinned packages,
+#   3. ffcv==1.0.2 *without* its own requirements (they pull opencv-python, which clashes
+#      with opencv-python-headless) and without build isolation (it builds against our numpy).
+#
+# A second run checks a stamp (hash of the pins + this script) and an import smoke test,
+# and does nothing more when both hold.
+# Variables: PYTHON (interpreter to build the venv from), VENV, WITH_BROWSER=1 (also install
+# Debian's chromium + chromium-driver for the browser end-to-end test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FFCV_PIN="ffcv==1.0.2"
+VENV="${VENV:-.venv}"
+SYSTEM_PKGS=(pkg-config libopencv-dev libturbojpeg0-dev)
+BROWSER_PKGS=(chromium chromium-driver)
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+apt_install() {  # apt_install PKG... : with apt when we can, else one clear message
+    local runner=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then runner=(sudo -n); fi
+    fi
+    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ ${#runner[@]} -gt 0 ]; }; then
+        say "installing system packages: $*"
+        "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        die "missing system packages; install them and rerun: $* (Debian/Ubuntu: sudo apt-get install $*; conda: see environment.yml)"
+    fi
+}
+
+# --- 1. system packages -------------------------------------------------------------------
+if ! { command -v pkg-config >/dev/null 2>&1 \
+       && pkg-config --exists libturbojpeg \
+       && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; }; then
+    apt_install "${SYSTEM_PKGS[@]}"
+fi
+if [ "${WITH_BROWSER:-0}" = "1" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+    apt_install "${BROWSER_PKGS[@]}"
+fi
+
+# --- 2. virtual environment ---------------------------------------------------------------
+stamp_value=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_file="$VENV/.setup-stamp"
+smoke='import torch, torchvision, numpy, numba, cv2, ffcv, ffcv.loader, omegaconf, gradio, PIL, matplotlib'
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_value" ] \
+   && "$VENV/bin/python" -c "$smoke" 2>/dev/null; then
+    say "already set up ($VENV); nothing to do"
+    exit 0
+fi
+
+if [ -z "${PYTHON:-}" ]; then
+    for cand in python3.11 python3 python; do
+        if command -v "$cand" >/dev/null 2>&1; then PYTHON="$cand"; break; fi
+    done
+fi
+[ -n "${PYTHON:-}" ] || die "no python3 found; install Python 3.11"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' \
+    || die "$PYTHON is $("$PYTHON" -V 2>&1); Python >= 3.10 is needed (3.11 is tested)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV with $("$PYTHON" -V 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+say "installing pinned packages (torch is a large download on a fresh machine)"
+"${PIP[@]}" install -q --upgrade pip
+"${PIP[@]}" install -q -r requirements.txt -r requirements-dev.txt
+say "installing $FFCV_PIN (no deps, no build isolation)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation "$FFCV_PIN"
+"$VENV/bin/python" -c "$smoke" || die "import check failed after installation (see above)"
+echo "$stamp_value" > "$stamp_file"
+say "done: $("$VENV/bin/python" -c 'import torch; from importlib.metadata import version; print("torch", torch.__version__, "ffcv", version("ffcv"))')"
