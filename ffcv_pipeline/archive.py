@@ -203,7 +203,9 @@ def _read_archive(path: Path, md5: str) -> Cifar100:
                     f = tar.extractfile(member)
                     raw[parts[-1]] = f.read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        reason = getattr(e, 'strerror', None) or str(e) or type(e).__name__
+        reason = getattr(e, 'strerror', None) or str(e).splitlines()[0].rstrip(':') or type(e).__name__
+        if 'could not be opened' in reason:  # tarfile tried every compression and gave up
+            reason = 'not a tar, tar.gz, tar.bz2 or tar.xz file'
         raise DatasetError(f'{path}: corrupt or truncated archive ({reason})') from None
     missing = [m for m in MEMBERS if m not in raw]
     if missing:

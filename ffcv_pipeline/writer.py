@@ -212,7 +212,7 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
             log(f'using the downloaded {archive}')
         else:
             log(f'downloading {url}')
-            download(archive, url=url, progress=progress)
+            download(archive, url=url, md5=CIFAR100_MD5, progress=progress)
         source = archive
 
     source = Path(source)

@@ -46,6 +46,9 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,12 +18,15 @@ def main() -> int:
     p.add_argument('--out', default=str(ROOT / 'data_beton'), help='output folder (default: %(default)s)')
     p.add_argument('--force', action='store_true', help='rewrite even if the outputs are up to date')
     p.add_argument('--workers', type=int, default=-1, help='writer processes (default: all cores)')
+    p.add_argument('--url', default=None, help='download from this mirror instead of the official '
+                   'address (the md5 is still checked)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     args = p.parse_args()
 
     from ffcv_pipeline.writer import write_datasets
+    from ffcv_pipeline.constants import CIFAR100_URL
     write_datasets(args.source, args.out, force=args.force, num_workers=args.workers,
-                   progress=not args.quiet)
+                   progress=not args.quiet, url=args.url or CIFAR100_URL)
     return 0
 
 

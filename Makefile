@@ -1,0 +1,39 @@
+# Two commands do everything (see README.md):
+#   make run    set-up if needed -> download CIFAR-100 -> write .beton files -> train rn18.yaml
+#   make test   set-up if needed -> pytest (fast tests; `make test-slow` runs the slow ones)
+# Variables: CIFAR_SOURCE=path/to/cifar-100-python.tar.gz (no download), CONFIG=rn18.yaml,
+#            TRAIN_ARGS='--training.epochs 2', PYTEST_ARGS='-k loader', VENV=.venv
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= rn18.yaml
+CIFAR_SOURCE ?=
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+export VENV
+
+.PHONY: run setup data train test test-slow benchmark app clean-venv
+run: train
+
+setup:
+	@bash scripts/setup.sh
+
+data: setup
+	$(PY) scripts/write_datasets.py $(if $(CIFAR_SOURCE),--source "$(CIFAR_SOURCE)")
+
+train: data
+	$(PY) scripts/train.py --config $(CONFIG) $(TRAIN_ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+benchmark: data
+	$(PY) scripts/benchmark.py
+
+app: setup
+	$(PY) app/app.py
+
+clean-venv:
+	rm -rf $(VENV)

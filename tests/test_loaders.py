@@ -1,0 +1,119 @@
+"""FFCV loaders: shapes, dtype, channels-last layout, normalization, augmentation behaviour."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import images_of
+from ffcv_pipeline.constants import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
+
+CPU = torch.device('cpu')
+
+
+def loaders(folder, *, cutout=8, translate=4, flip=True, seed=0, workers=2):
+    from ffcv_pipeline.loaders import make_loader, test_pipeline, train_pipeline
+    from ffcv_pipeline.ops import AugmentationState
+    state = AugmentationState(seed)
+    train = make_loader(folder / BETON_NAMES['train'], batch_size=100, num_workers=workers,
+                        order='sequential', os_cache=True, drop_last=True, state=state,
+                        pipelines=train_pipeline(device=CPU, dtype=torch.float32, state=state,
+                                                 flip=flip, padding=translate, cutout=cutout))
+    test = make_loader(folder / BETON_NAMES['test'], batch_size=100, num_workers=workers,
+                       order='sequential', os_cache=True, drop_last=False,
+                       pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+    return train, test
+
+
+def batches(loader, epoch):
+    return [(x.clone(), y.clone()) for x, y in loader.epoch(epoch)]
+
+
+def denorm(x: torch.Tensor) -> np.ndarray:
+    """Normalized NCHW float -> uint8-valued NHWC (inverse of the pipeline's normalization)."""
+    mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+    return (x * std + mean).round().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope='module')
+def loaded(synthetic_betons):
+    train, test = loaders(synthetic_betons)
+    return {'train0': batches(train, 0), 'train0_again': batches(train, 0),
+            'train1': batches(train, 1), 'test': batches(test, 0)}
+
+
+def test_output_shapes_dtype_layout(loaded):
+    x, y = loaded['train0'][0]
+    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == (100,) and y.dtype == torch.int64
+    xt, yt = loaded['test'][0]
+    assert xt.shape == (100, 3, 32, 32) and xt.is_contiguous(memory_format=torch.channels_last)
+    assert sum(len(b[1]) for b in loaded['test']) == 200  # no drop_last on test
+
+
+def test_test_loading_is_exact_and_normalized(loaded, synthetic_data):
+    _, _, test = synthetic_data
+    x = torch.cat([b[0] for b in loaded['test']])
+    y = torch.cat([b[1] for b in loaded['test']])
+    np.testing.assert_array_equal(y.numpy(), test['fine_labels'])
+    src = images_of(test).astype(np.float32)
+    expected = (src - np.array(CIFAR100_MEAN, np.float32)) / np.array(CIFAR100_STD, np.float32)
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_augmentation_changes_images_but_keeps_labels(loaded, synthetic_data):
+    _, train, _ = synthetic_data
+    x = torch.cat([b[0] for b in loaded['train0']])
+    y = torch.cat([b[1] for b in loaded['train0']])
+    np.testing.assert_array_equal(y.numpy(), train['fine_labels'])  # sequential order here
+    aug = denorm(x)
+    src = images_of(train).astype(np.float32)
+    changed = (np.abs(aug - src) > 0.5).reshape(len(src), -1).any(1)
+    assert changed.mean() > 0.95  # cutout alone changes every image
+    # pixels stay in the uint8 range (translate/cutout fill with the mean colour)
+    assert aug.min() >= -0.5 and aug.max() <= 255.5
+    # every image has a cutout square of the mean colour of side >= 8
+    fill = np.round(CIFAR100_MEAN)
+    is_fill = (np.abs(aug - fill) < 0.5).all(-1)
+    assert all(is_fill[i].sum() >= 64 for i in range(len(aug)))
+
+
+def test_augmentation_is_reproducible_per_epoch_and_differs_between_epochs(loaded):
+    a = torch.cat([b[0] for b in loaded['train0']])
+    again = torch.cat([b[0] for b in loaded['train0_again']])
+    e1 = torch.cat([b[0] for b in loaded['train1']])
+    assert torch.equal(a, again)  # same (seed, epoch) -> same augmentation
+    assert not torch.equal(a, e1)
+    assert ((a - e1).abs().flatten(1).amax(1) > 0).float().mean() > 0.9
+
+
+def test_ops_match_their_definition(synthetic_betons, synthetic_data):
+    """Flip alone mirrors about half the images exactly; translate alone is a pure shift."""
+    _, train, _ = synthetic_data
+    src = images_of(train).astype(np.float32)
+    flip_only, _ = loaders(synthetic_betons, cutout=0, translate=0, flip=True, workers=1)
+    out = denorm(torch.cat([b[0] for b in batches(flip_only, 0)]))
+    same = (out == src).reshape(len(src), -1).all(1)
+    mirrored = (out == src[:, :, ::-1]).reshape(len(src), -1).all(1)
+    assert (same | mirrored).all() and 0.35 < mirrored.mean() < 0.65
+
+    shift_only, _ = loaders(synthetic_betons, cutout=0, translate=4, flip=False, workers=1)
+    out = denorm(torch.cat([b[0] for b in batches(shift_only, 0)]))
+    fill = np.round(CIFAR100_MEAN)
+    for i in range(0, len(src), 37):
+        found = False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                exp = np.broadcast_to(fill, src[i].shape).copy()
+                ys, xs = slice(max(0, -dy), min(32, 32 - dy)), slice(max(0, -dx), min(32, 32 - dx))
+                exp[ys, xs] = src[i][max(0, dy):min(32, 32 + dy), max(0, dx):min(32, 32 + dx)]
+                found |= np.array_equal(out[i], exp)
+        assert found, i
+
+
+def test_augmentation_independent_of_worker_count(synthetic_betons, loaded):
+    one_thread, _ = loaders(synthetic_betons, workers=1)
+    a = torch.cat([b[0] for b in batches(one_thread, 0)])
+    assert torch.equal(a, torch.cat([b[0] for b in loaded['train0']]))

@@ -1,0 +1,202 @@
+"""The converter: CIFAR-100 archive -> .beton files (round trip, real data, bad inputs, idempotence)."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_script
+from ffcv_pipeline.archive import DatasetError, read_cifar100
+from ffcv_pipeline.constants import BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
+
+
+def read_beton(path, indices=None):
+    """All three fields of a .beton, sequentially, no augmentation."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    loader = Loader(str(path), batch_size=100, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    drop_last=False, indices=indices,
+                    pipelines={'image': [SimpleRGBImageDecoder()], 'label': [IntDecoder()],
+                               'coarse_label': [IntDecoder()]})
+    xs, ys, cs = [], [], []
+    for x, y, c in loader:
+        xs.append(np.array(x)), ys.append(np.array(y).ravel()), cs.append(np.array(c).ravel())
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs)
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --- round trip -----------------------------------------------------------------------------------
+def test_round_trip_synthetic(synthetic_data, synthetic_betons):
+    _, train, test = synthetic_data
+    for name, split in (('train', train), ('test', test)):
+        x, y, c = read_beton(synthetic_betons / BETON_NAMES[name])
+        np.testing.assert_array_equal(x, images_of(split))  # exact pixels, same order
+        np.testing.assert_array_equal(y, split['fine_labels'])
+        np.testing.assert_array_equal(c, split['coarse_labels'])
+    m = json.loads((synthetic_betons / MANIFEST_NAME).read_text())
+    assert m['splits']['train']['count'] == 400 and m['splits']['test']['count'] == 200
+    assert len(m['fine_label_names']) == 100 and len(m['coarse_label_names']) == 20
+    assert m['source']['official'] is False and len(m['source']['md5']) == 32
+    assert m['format_version'] == 1 and m['fine_to_coarse'] == list(FINE_TO_COARSE)
+    assert len(list((synthetic_betons / 'examples').glob('*.png'))) == 12
+
+
+@pytest.mark.parametrize('bytes_keys', [False, True])
+@pytest.mark.parametrize('folder', [False, True])
+def test_reader_accepts_str_or_bytes_keys_archive_or_folder(tmp_path, bytes_keys, folder):
+    train, test = make_split(1, seed=5), make_split(1, seed=6)
+    src = build_archive(tmp_path / ('src' if folder else 'a.tar.gz'), train=train, test=test,
+                        bytes_keys=bytes_keys, folder=folder)
+    data = read_cifar100(src)
+    np.testing.assert_array_equal(data.train.images, images_of(train))
+    np.testing.assert_array_equal(data.test.fine, test['fine_labels'])
+    np.testing.assert_array_equal(data.test.coarse, test['coarse_labels'])
+    assert data.fine_names[0] == 'apple' and data.coarse_names[-1] == 'vehicles_2'
+
+
+def test_folder_source_via_cli(tmp_path):
+    src = build_archive(tmp_path / 'src', folder=True)
+    r = run_script('scripts/write_datasets.py', '--source', src / 'cifar-100-python',
+                   '--out', tmp_path / 'out', '--quiet')
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'out' / BETON_NAMES['train']).is_file()
+
+
+# --- the real archive -------------------------------------------------------------------------------
+def test_real_archive(real_betons):
+    out, result = real_betons
+    m = result.manifest
+    assert m['splits']['train']['count'] == 50_000 and m['splits']['test']['count'] == 10_000
+    assert m['splits']['train']['per_class_min'] == m['splits']['train']['per_class_max'] == 500
+    assert m['splits']['test']['per_class_min'] == m['splits']['test']['per_class_max'] == 100
+    src = read_cifar100(REAL_ARCHIVE)
+    rng = np.random.default_rng(0)
+    for name, n in (('train', 50_000), ('test', 10_000)):
+        idx = np.sort(rng.choice(n, 300, replace=False))
+        x, y, c = read_beton(out / BETON_NAMES[name], indices=idx)
+        split = getattr(src, name)
+        np.testing.assert_array_equal(x, split.images[idx])
+        np.testing.assert_array_equal(y, split.fine[idx])
+        np.testing.assert_array_equal(c, split.coarse[idx])
+        assert np.bincount(split.fine, minlength=100).tolist() == [n // 100] * 100
+    # the fixed fine -> coarse hierarchy in constants.py agrees with the real labels
+    assert np.array_equal(np.asarray(FINE_TO_COARSE)[src.train.fine], src.train.coarse)
+
+
+# --- idempotence and --force ---------------------------------------------------------------------------
+def test_second_run_does_nothing_and_force_rewrites(tmp_path, synthetic_data):
+    src, out = synthetic_data[0], tmp_path / 'out'
+    r1 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet')
+    assert r1.returncode == 0, r1.stderr
+    assert 'not the official' in r1.stdout  # one-line notice for a non-official md5
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r2 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet')
+    assert r2.returncode == 0 and 'nothing to do' in r2.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    r3 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet', '--force')
+    assert r3.returncode == 0 and 'wrote' in r3.stdout
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in out.glob('*.beton'))
+    # a different source is not "up to date"
+    other = build_archive(tmp_path / 'other.tar.gz', train=make_split(1, seed=9))
+    r4 = run_script('scripts/write_datasets.py', '--source', other, '--out', out, '--quiet')
+    assert r4.returncode == 0 and 'wrote' in r4.stdout
+
+
+# --- bad inputs: one clear line, exit != 0, previous outputs untouched ------------------------------
+def _bad_sources(tmp_path: Path, good: Path) -> dict:
+    raw = good.read_bytes()
+    (tmp_path / 'truncated.tar.gz').write_bytes(raw[: len(raw) // 2])
+    (tmp_path / 'corrupt.tar.gz').write_bytes(np.random.default_rng(0).bytes(4096))
+    bad_shape = make_split(1, seed=3)
+    bad_shape['data'] = bad_shape['data'][:, :3000]
+    bad_label = make_split(1, seed=3)
+    bad_label['fine_labels'][7] = 100
+    bad_coarse = make_split(1, seed=3)
+    bad_coarse['coarse_labels'][3] = -1
+    short_labels = make_split(1, seed=3)
+    short_labels['fine_labels'] = short_labels['fine_labels'][:-1]
+    return {
+        'truncated': (tmp_path / 'truncated.tar.gz', 'corrupt or truncated'),
+        'corrupt': (tmp_path / 'corrupt.tar.gz', 'corrupt or truncated'),
+        'missing_member': (build_archive(tmp_path / 'nometa.tar.gz', drop=('meta',)), 'missing member'),
+        'not_a_pickle': (build_archive(tmp_path / 'badpickle.tar.gz', test=b'not a pickle'),
+                         'not a readable CIFAR pickle'),
+        'wrong_shape': (build_archive(tmp_path / 'shape.tar.gz', train=bad_shape), 'N x 3072'),
+        'fine_out_of_range': (build_archive(tmp_path / 'label.tar.gz', test=bad_label), 'out of range'),
+        'coarse_out_of_range': (build_archive(tmp_path / 'coarse.tar.gz', train=bad_coarse), 'out of range'),
+        'label_count': (build_archive(tmp_path / 'count.tar.gz', train=short_labels), "'fine_labels' must be"),
+        'no_such_file': (tmp_path / 'nope.tar.gz', 'no such file'),
+    }
+
+
+def test_bad_inputs_fail_cleanly_and_keep_previous_outputs(tmp_path, synthetic_data):
+    good, out = synthetic_data[0], tmp_path / 'out'
+    assert run_script('scripts/write_datasets.py', '--source', good, '--out', out, '--quiet').returncode == 0
+    before = digest(out)
+    for name, (src, expected) in _bad_sources(tmp_path, good).items():
+        r = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet', '--force')
+        assert r.returncode != 0, name
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error: '), (name, r.stderr)
+        assert expected in err[0] and 'Traceback' not in r.stderr, (name, err)
+        assert str(Path(src).name) in err[0], (name, err)  # names the file
+        assert digest(out) == before, name  # previous complete outputs untouched
+        assert not [p for p in out.iterdir() if p.name.startswith('.')], name  # no temp files left
+
+
+def test_unwritable_output_folder(tmp_path, synthetic_data):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', blocker / 'out')
+    assert r.returncode != 0
+    assert r.stderr.startswith('error: ') and 'not writable' in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_download_failure_is_one_line(tmp_path):
+    r = run_script('scripts/write_datasets.py', '--out', tmp_path / 'out', '--quiet',
+                   '--url', 'http://127.0.0.1:9/cifar-100-python.tar.gz')
+    assert r.returncode != 0
+    assert r.stderr.startswith('error: download of http://127.0.0.1:9/') and len(r.stderr.splitlines()) == 1
+    assert not list((tmp_path / 'out').glob('*.part'))
+
+
+def _serve(folder: Path):
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def test_download_path_checks_md5_and_is_reused(tmp_path, synthetic_data, monkeypatch):
+    import ffcv_pipeline.writer as W
+    from ffcv_pipeline.archive import md5sum
+    src = synthetic_data[0]
+    httpd = _serve(src.parent)
+    url = f'http://127.0.0.1:{httpd.server_port}/{src.name}'
+    try:
+        out = tmp_path / 'out'
+        with pytest.raises(DatasetError, match='md5'):  # not the official archive: rejected
+            W.write_datasets(None, out, url=url, progress=False, log=lambda *_: None)
+        assert not list(out.glob('*.part')) and not list(out.glob('*.beton'))
+        monkeypatch.setattr(W, 'CIFAR100_MD5', md5sum(src))  # pretend it is official
+        logs = []
+        res = W.write_datasets(None, out, url=url, progress=False, log=logs.append)
+        assert res.status == 'written' and (out / 'cifar-100-python.tar.gz').is_file()
+        assert any(line.startswith('downloading') for line in logs)
+        res2 = W.write_datasets(None, out, url='http://127.0.0.1:9/unreachable', progress=False,
+                                log=logs.append)
+        assert res2.status == 'skipped'  # no network needed the second time
+    finally:
+        httpd.shutdown()

@@ -1,0 +1,211 @@
+"""The one training config schema (typed, with defaults), YAML files and dotted overrides.
+
+    python scripts/train.py --config rn18.yaml --training.epochs 2 --data.batch_size 256
+
+Precedence: schema defaults < YAML file < command-line overrides. A bare config name
+(``rn18.yaml`` or ``rn18``) resolves in ``configs/``. Unknown keys and values of the wrong
+type or outside the allowed set raise :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / 'configs'
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; one clear line."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = 'data_beton/cifar100_train.beton'  # relative paths: to the repo root
+    test_path: str = 'data_beton/cifar100_test.beton'
+    batch_size: int = 512  # per process (per GPU under torchrun)
+    test_batch_size: int = 1024
+    num_workers: int = -1  # FFCV JIT threads; -1 = all cores
+    order: str = 'quasi_random'  # quasi_random | random | sequential; random when distributed
+    os_cache: bool = True  # let the OS page cache hold the .beton (fits in RAM: 170 MB)
+    batches_ahead: int = 3
+    train_per_class: int = 0  # use only the first N training images of each class (0 = all)
+    test_per_class: int = 0  # same for the test set (0 = all)
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    translate: int = 4  # max shift in pixels (pad-and-crop); 0 = off
+    cutout: int = 8  # square side in pixels; 0 = off
+
+
+@dataclass
+class ModelConfig:
+    arch: str = 'resnet18'
+    num_classes: int = 100
+    width: int = 64
+    channels_last: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 30
+    lr: float = 0.4  # peak learning rate for the configured batch size (no implicit scaling)
+    lr_schedule: str = 'linear'  # decay after warm-up: linear | cosine (to zero)
+    warmup_epochs: float = 2.0  # linear warm-up from 0 to `lr`, per iteration
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # on conv/linear weights only (p.dim() >= 2)
+    label_smoothing: float = 0.1
+    precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp32 on CPU)
+    compile: bool = False  # torch.compile the model (pays compile time up front)
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    seed: int = 0  # weights, data order and augmentation
+    device: str = 'auto'  # auto | cuda | cuda:N | cpu
+    target_top1: float = 0.73  # the summary reports when test top-1 first reached this
+    tta: bool = True  # evaluate with horizontal-flip test-time augmentation
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = 'runs'  # run folders go to <dir>/<name>
+    name: str = ''  # default: <config name>-<YYYYmmdd-HHMMSS>
+    save_every: int = 0  # also keep epoch_NNN.pt every N epochs; 0 = only last.pt and best.pt
+    progress: str = 'auto'  # auto (bar on a TTY) | on | off
+    plot: bool = True  # curves.png at the end
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+CHOICES = {
+    'data.order': ('quasi_random', 'random', 'sequential'),
+    'training.lr_schedule': ('linear', 'cosine'),
+    'training.precision': ('auto', 'bf16', 'fp16', 'fp32'),
+    'output.progress': ('auto', 'on', 'off'),
+}
+POSITIVE = ('data.batch_size', 'data.test_batch_size', 'training.epochs', 'model.num_classes',
+            'model.width', 'training.eval_every', 'data.batches_ahead')
+NON_NEGATIVE = ('training.lr', 'training.warmup_epochs', 'training.weight_decay',
+                'training.grad_clip', 'augment.translate', 'augment.cutout',
+                'data.train_per_class', 'data.test_per_class', 'output.save_every',
+                'training.momentum')
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given if it exists, else a bare name looked up in ``configs/``."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f'{p.name}.yaml'):
+        if cand.is_file():
+            return cand
+    known = ', '.join(sorted(q.name for q in CONFIG_DIR.glob('*.yaml')))
+    raise ConfigError(f'config {str(name)!r} not found (as a path or in configs/: {known})')
+
+
+def _merge(base, other, what: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, 'full_key', None) or '?'
+        msg = str(e).splitlines()[0]
+        if 'not in struct' in msg or 'Key' in type(e).__name__:
+            raise ConfigError(f'{what}: unknown key {key!r}') from None
+        raise ConfigError(f'{what}: bad value for {key!r}: {msg}') from None
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """``['--training.epochs', '2', '--a.b=3']`` -> ``['training.epochs=2', 'a.b=3']``."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith('--') or len(a) == 2:
+            raise ConfigError(f'unexpected argument {a!r}; overrides look like --section.key VALUE')
+        a = a[2:]
+        if '=' in a:
+            out.append(a)
+            i += 1
+        elif i + 1 < len(args):
+            out.append(f'{a}={args[i + 1]}')
+            i += 2
+        else:
+            raise ConfigError(f'override --{a} needs a value')
+    return out
+
+
+def validate(cfg) -> None:
+    for key, allowed in CHOICES.items():
+        v = OmegaConf.select(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f'{key}: {v!r} is not one of {list(allowed)}')
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f'{key}: must be > 0, got {OmegaConf.select(cfg, key)}')
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f'{key}: must be >= 0, got {OmegaConf.select(cfg, key)}')
+    if not 0 <= cfg.training.label_smoothing < 1:
+        raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
+    if cfg.training.warmup_epochs > cfg.training.epochs:
+        raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
+                          f'training.epochs {cfg.training.epochs}')
+    if cfg.augment.cutout > 32:
+        raise ConfigError(f'augment.cutout: must lie in [0, 32], got {cfg.augment.cutout}')
+    dev = cfg.training.device
+    if not (dev in ('auto', 'cpu', 'cuda') or (dev.startswith('cuda:') and dev[5:].isdigit())):
+        raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+    from model import ARCHS
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f'model.arch: {cfg.model.arch!r} is not one of {sorted(ARCHS)}')
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None):
+    """Schema defaults < YAML file (or ``base``, e.g. a checkpoint's config) < ``overrides``
+    (``['training.epochs=2', ...]``). Returns a typed, read-only OmegaConf object."""
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge(cfg, OmegaConf.create(base), 'checkpoint config')
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            file_cfg = OmegaConf.load(p)
+        except Exception as e:  # YAML syntax errors, duplicated keys, ...
+            why = ' '.join(str(e).split())[:240]  # e.g. "found duplicate key 'epochs' ..."
+            raise ConfigError(f'{p}: not a valid YAML config ({why})') from None
+        cfg = _merge(cfg, file_cfg, str(p))
+    for ov in overrides or []:
+        key, sep, value = ov.partition('=')
+        if not sep or not key:
+            raise ConfigError(f'override {ov!r} must look like section.key=value')
+        if OmegaConf.select(cfg, key, default='__missing__') == '__missing__' or '.' not in key:
+            raise ConfigError(f'unknown key {key!r} (sections: {", ".join(Config.__dataclass_fields__)})')
+        try:
+            parsed = OmegaConf.from_dotlist([ov])
+        except Exception as e:
+            raise ConfigError(f'{key}: cannot parse {value!r} ({e})') from None
+        cfg = _merge(cfg, parsed, f'--{key}')
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg)
