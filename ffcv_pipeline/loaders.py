@@ -19,6 +19,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order import QuasiRandom
 
 from .constants import CIFAR100_MEAN, CIFAR100_STD
 from .ops import AugmentationState, Cutout, RandomHorizontalFlip, RandomTranslate
@@ -89,6 +90,20 @@ def test_pipeline(*, device: torch.device, dtype: torch.dtype,
             'label': label_pipeline(device=device)}
 
 
+class StableQuasiRandom(QuasiRandom):
+    """FFCV's quasi-random order shuffles its page table *in place*, so the order of epoch e
+    depends on which epochs were drawn before it: a resumed run would see other batches than
+    an uninterrupted one. This draws every epoch from a pristine copy of the table."""
+
+    def prepare_data_structures(self):
+        super().prepare_data_structures()
+        self._pristine = self.page_to_samples_array.copy()
+
+    def sample_order(self, epoch: int):
+        self.page_to_samples_array = self._pristine.copy()
+        return super().sample_order(epoch)
+
+
 @dataclass
 class CifarLoader:
     """An FFCV ``Loader`` whose order *and* augmentation are a function of the epoch number,
@@ -123,4 +138,9 @@ def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_
                     distributed=distributed, seed=seed,
                     indices=None if indices is None else np.asarray(indices),
                     pipelines={**pipelines, 'coarse_label': None}, batches_ahead=batches_ahead)
+    if type(loader.traversal_order) is QuasiRandom:
+        # Loader's `order=` cannot take a custom class (its isinstance check rejects classes,
+        # and instances are not callable); swap the order object after construction.
+        loader.traversal_order = StableQuasiRandom(loader)
+        loader.first_traversal_order = loader.next_traversal_order()
     return CifarLoader(loader, state)

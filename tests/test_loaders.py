@@ -117,3 +117,20 @@ def test_augmentation_independent_of_worker_count(synthetic_betons, loaded):
     one_thread, _ = loaders(synthetic_betons, workers=1)
     a = torch.cat([b[0] for b in batches(one_thread, 0)])
     assert torch.equal(a, torch.cat([b[0] for b in loaded['train0']]))
+
+
+def test_quasi_random_order_is_a_function_of_the_epoch(synthetic_betons):
+    """FFCV's own QuasiRandom shuffles in place (epoch 1 after epoch 0 != epoch 1 alone)."""
+    from ffcv_pipeline.loaders import make_loader
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import ToTensor
+
+    def order(epochs):
+        ld = make_loader(synthetic_betons / BETON_NAMES['train'], batch_size=50, num_workers=1,
+                         order='quasi_random', os_cache=True, drop_last=True, seed=3,
+                         pipelines={'image': None, 'label': [IntDecoder(), ToTensor()]})
+        return [torch.cat([y.ravel() for (y,) in ld.epoch(e)]).tolist() for e in epochs][-1]
+
+    after_history, alone = order([0, 0, 1]), order([1])
+    assert after_history == alone
+    assert sorted(alone) == sorted(order([0])) and alone != order([0])

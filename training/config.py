@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -77,7 +77,7 @@ class OutputConfig:
     dir: str = 'runs'  # run folders go to <dir>/<name>
     name: str = ''  # default: <config name>-<YYYYmmdd-HHMMSS>
     save_every: int = 0  # also keep epoch_NNN.pt every N epochs; 0 = only last.pt and best.pt
-    progress: str = 'auto'  # auto (bar on a TTY) | on | off
+    progress: Optional[bool] = None  # progress bar: null = only on a terminal, true/on, false/off
     plot: bool = True  # curves.png at the end
 
 
@@ -94,7 +94,6 @@ CHOICES = {
     'data.order': ('quasi_random', 'random', 'sequential'),
     'training.lr_schedule': ('linear', 'cosine'),
     'training.precision': ('auto', 'bf16', 'fp16', 'fp32'),
-    'output.progress': ('auto', 'on', 'off'),
 }
 POSITIVE = ('data.batch_size', 'data.test_batch_size', 'training.epochs', 'model.num_classes',
             'model.width', 'training.eval_every', 'data.batches_ahead')

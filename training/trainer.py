@@ -16,7 +16,9 @@ import datetime as _dt
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,34 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(Exception):
     """Ctrl-C; a resumable checkpoint was written."""
+
+
+class _StopAtBatchBoundary(Exception):
+    pass
+
+
+class StopRequest:
+    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; the loop stops at the
+    next batch boundary, so a checkpoint never holds a half-applied optimizer step. A second
+    Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -184,6 +214,7 @@ class Trainer:
         self.start_epoch, self.start_batch, self.step = 0, 0, 0
         self.best_top1, self.elapsed_before = 0.0, 0.0
         self.partial: dict | None = None
+        self.stop = StopRequest()
         if self.resume:
             self._load_resume(self.resume)
 
@@ -298,8 +329,7 @@ class Trainer:
 
     def _progress(self):
         mode = self.cfg.output.progress
-        on = mode == 'on' or (mode == 'auto' and sys.stderr.isatty())
-        return on and self.info.is_main
+        return self.info.is_main and (sys.stderr.isatty() if mode is None else mode)
 
     def warmup_jit(self) -> float:
         """Compile the FFCV pipelines (numba) before timing epochs; returns seconds."""
@@ -325,8 +355,10 @@ class Trainer:
             for b, (x, y) in enumerate(self.train_loader.epoch(epoch)):
                 if b < skip:  # resuming mid-epoch: the same batches, already trained on
                     continue
+                if self._stop_requested(b):
+                    raise _StopAtBatchBoundary
                 for g in self.optimizer.param_groups:
-                    g['lr'] = self.lrs[self.step]
+                    g['lr'] = float(self.lrs[self.step])  # a numpy scalar would not load with weights_only
                 with autocast:
                     logits = self.net(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.training.label_smoothing)
@@ -341,13 +373,13 @@ class Trainer:
                 stats.loss_sum += loss.detach().double() * y.shape[0]
                 stats.correct += (logits.detach().argmax(1) == y).sum()
                 stats.seen += y.shape[0]
+                bar.update(1)
                 if (b + 1) % NAN_CHECK_EVERY == 0 or b + 1 == n_batches:
                     self._check_finite(stats.loss_sum, epoch, b)
-                    if bar.n != b + 1:
-                        bar.update(b + 1 - bar.n)
+                    if not bar.disable:
                         bar.set_postfix(img_s=f'{stats.seen / (time.perf_counter() - t0 + stats.seconds):.0f}',
                                         loss=f'{(stats.loss_sum / stats.seen).item():.3f}')
-        except KeyboardInterrupt:
+        except _StopAtBatchBoundary:
             self._sync()
             stats.seconds += time.perf_counter() - t0
             self._save(self._checkpoint(epoch=epoch, batch=self.step - first_step,
@@ -375,8 +407,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def evaluate(self) -> tuple[float, float, float]:
-        """(top-1, top-5, seconds) on the test set, with flip TTA if configured."""
+    def evaluate(self) -> tuple[float, float, float, int]:
+        """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured."""
         t0 = time.perf_counter()
         self.net.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # top1, top5, count
@@ -392,7 +424,7 @@ class Trainer:
             sums[2] += y.shape[0]
         D.all_reduce_sum(sums)
         top1, top5, n = sums.tolist()
-        return top1 / n, top5 / n, time.perf_counter() - t0
+        return top1 / n, top5 / n, time.perf_counter() - t0, int(n)
 
     def run(self) -> dict:
         self.setup()
@@ -414,41 +446,59 @@ class Trainer:
                 stats.loss_sum += p['loss_sum']
                 stats.correct += p['correct']
                 stats.seen, stats.seconds = p['seen'], p['seconds']
-            self.train_epoch(epoch, stats)
-            totals = D.all_reduce_sum(torch.stack([stats.loss_sum, stats.correct,
-                                                   torch.tensor(float(stats.seen), device=self.device,
-                                                                dtype=torch.float64)]))
-            loss_sum, correct, seen = totals.tolist()
-            last = epoch + 1 == cfg.training.epochs
-            top1 = top5 = None
-            eval_s = 0.0
-            if (epoch + 1) % cfg.training.eval_every == 0 or last:
-                top1, top5, eval_s = self.evaluate()
-            record = {
-                'epoch': epoch + 1, 'lr': float(self.lrs[self.step - 1]),
-                'train_loss': loss_sum / seen, 'train_acc': correct / seen,
-                'test_top1': top1, 'test_top5': top5,
-                'epoch_seconds': round(stats.seconds, 4), 'eval_seconds': round(eval_s, 4),
-                'train_images_per_s': round(seen / stats.seconds, 1),
-                'wallclock_s': round(self._elapsed(), 3),
-            }
-            improved = top1 is not None and top1 > self.best_top1
-            if improved:
-                self.best_top1 = top1
-            if info.is_main:
-                append_jsonl(self.metrics_path, record)
-                t1 = f'{top1:.4f}' if top1 is not None else '-'
-                self.log(f'epoch {epoch + 1:3d}/{cfg.training.epochs}  lr {record["lr"]:.4f}  '
-                         f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
-                         f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
-                         f'{stats.seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
-                ckpt = self._checkpoint(epoch=epoch + 1, metrics={'test_top1': top1, 'test_top5': top5})
-                names = ['last.pt'] + (['best.pt'] if improved else [])
-                if cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0:
-                    names.append(f'epoch_{epoch + 1:03d}.pt')
-                self._save(ckpt, *names)
-                (self.run_dir / 'interrupted.pt').unlink(missing_ok=True)
+            with self.stop:
+                self.train_epoch(epoch, stats)  # a stop request in here saves interrupted.pt
+                self.end_epoch(epoch, stats)
+            if self._stop_requested(None):  # during evaluation or saving: last.pt is complete
+                raise TrainingInterrupted(self.run_dir / 'last.pt')
         return self.finish(jit_s, setup_s)
+
+    def _stop_requested(self, batch: int | None) -> bool:
+        """Ctrl-C seen (by any rank: checked collectively every few steps under DDP)."""
+        if not self.info.enabled:
+            return self.stop.requested
+        if batch is None or batch % NAN_CHECK_EVERY == 0:
+            return D.broadcast_flag(self.stop.requested, self.device)
+        return False
+
+    def end_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Reduce metrics over ranks, evaluate, log, checkpoint."""
+        cfg, info = self.cfg, self.info
+        totals = D.all_reduce_sum(torch.stack([stats.loss_sum, stats.correct,
+                                               torch.tensor(float(stats.seen), device=self.device,
+                                                            dtype=torch.float64)]))
+        loss_sum, correct, seen = totals.tolist()
+        last = epoch + 1 == cfg.training.epochs
+        top1 = top5 = None
+        eval_s, n_test = 0.0, 0
+        if (epoch + 1) % cfg.training.eval_every == 0 or last:
+            top1, top5, eval_s, n_test = self.evaluate()
+        record = {
+            'epoch': epoch + 1, 'lr': float(self.lrs[self.step - 1]),
+            'train_loss': loss_sum / seen, 'train_acc': correct / seen,
+            'test_top1': top1, 'test_top5': top5,
+            'epoch_seconds': round(stats.seconds, 4), 'eval_seconds': round(eval_s, 4),
+            'train_images_per_s': round(seen / stats.seconds, 1),
+            'train_images': int(seen), 'test_images': n_test,
+            'wallclock_s': round(self._elapsed(), 3),
+        }
+        improved = top1 is not None and top1 > self.best_top1
+        if improved:
+            self.best_top1 = top1
+        if not info.is_main:
+            return
+        append_jsonl(self.metrics_path, record)
+        t1 = f'{top1:.4f}' if top1 is not None else '-'
+        self.log(f'epoch {epoch + 1:3d}/{cfg.training.epochs}  lr {record["lr"]:.4f}  '
+                 f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
+                 f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
+                 f'{stats.seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
+        ckpt = self._checkpoint(epoch=epoch + 1, metrics={'test_top1': top1, 'test_top5': top5})
+        names = ['last.pt'] + (['best.pt'] if improved else [])
+        if cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0:
+            names.append(f'epoch_{epoch + 1:03d}.pt')
+        self._save(ckpt, *names)
+        (self.run_dir / 'interrupted.pt').unlink(missing_ok=True)
 
     def finish(self, jit_s: float, setup_s: float) -> dict:
         cfg = self.cfg
