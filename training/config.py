@@ -29,7 +29,7 @@ class DataConfig:
     test_path: str = 'data_beton/cifar100_test.beton'
     batch_size: int = 512  # per process (per GPU under torchrun)
     test_batch_size: int = 1024
-    num_workers: int = -1  # FFCV JIT threads; -1 = all cores
+    num_workers: int = -1  # FFCV JIT threads (also torch CPU threads); -1 = all cores / processes per node
     order: str = 'quasi_random'  # quasi_random | random | sequential; random when distributed
     os_cache: bool = True  # let the OS page cache hold the .beton (fits in RAM: 170 MB)
     batches_ahead: int = 3

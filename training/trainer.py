@@ -244,7 +244,9 @@ class Trainer:
             self.class_names = m.get('fine_label_names', self.class_names)
             self.coarse_names = m.get('coarse_label_names', self.coarse_names)
 
-        workers = cfg.data.num_workers if cfg.data.num_workers > 0 else os.cpu_count()
+        # -1: all cores, shared among the processes torchrun starts on this node
+        local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        workers = cfg.data.num_workers if cfg.data.num_workers > 0 else max(1, os.cpu_count() // local_procs)
         train_idx = per_class_indices(beton_labels(train_path), cfg.data.train_per_class)
         test_labels = beton_labels(test_path)
         test_idx = per_class_indices(test_labels, cfg.data.test_per_class)
