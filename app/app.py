@@ -1,0 +1,212 @@
+"""The CIFAR-100 classifier as a Gradio web app (also a Hugging Face Space; see app/README.md).
+
+    python app/app.py                                   # http://127.0.0.1:7860
+    python app/app.py --checkpoint runs/rn18/best.pt --host 0.0.0.0 --port 8080
+
+Checkpoint: ``--checkpoint``, else ``$MODEL_PATH``, else the newest ``runs/*/best.pt``, else
+``model.pt`` beside this file. A broken ``--checkpoint`` is an error (exit 2); without any
+checkpoint the app still starts and the page says how to train one.
+
+Upload, paste or photograph an image -> top-5 classes (gr.Label), the superclass, notes on what
+was done to the input; a panel describes the model. Bad input (not an image, corrupt, empty,
+> 50 megapixels) gives a message in the page and the app keeps serving.
+
+Load test, 200 requests at concurrency 8 through gradio_client on the 2-core CPU (idle):
+    python scripts/loadtest_app.py --checkpoint rn18.pt
+    -> 0 errors, p50 ~215 ms, p95 ~300-330 ms, ~35 req/s (one prediction at a time, so a
+       request mostly waits for those ahead of it; docs/BENCHMARKS.md "Serving").
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if __package__:  # imported as app.app (tests, `python -m app.app`)
+    from .predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, ImageError, Predictor,
+                            format_seconds, resolve_checkpoint)
+else:  # run as a file: `python app/app.py` in the repo, or `python app.py` in a Space
+    # `model/` sits in the repository root (parent of app/), or beside app.py in a Space.
+    for _p in (HERE, HERE.parent):
+        if (_p / 'model' / 'checkpoint.py').is_file():
+            if str(_p) not in sys.path:
+                sys.path.insert(0, str(_p))
+            break
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, ImageError, Predictor,
+                           format_seconds, resolve_checkpoint)
+
+import gradio as gr  # noqa: E402
+
+log = logging.getLogger('app')
+logging.getLogger('httpx').setLevel(logging.WARNING)  # one line per request otherwise
+TOPK = 5
+MAX_FILE_SIZE = '50mb'  # uploads above this are refused by Gradio before reaching us
+EXAMPLE_DIRS = (HERE / 'examples', HERE.parent / 'data_beton' / 'examples')
+# System fonts only: the default theme fetches Google Fonts, which an offline machine can't reach.
+THEME = gr.themes.Soft(font=['ui-sans-serif', 'system-ui', 'sans-serif'],
+                       font_mono=['ui-monospace', 'monospace'])
+
+
+def uploaded_file(payload) -> tuple[str | bytes | None, str]:
+    """The image event's raw payload (``preprocess=False``) -> (path or bytes, display name).
+
+    We skip gr.Image's own preprocessing: it opens the file with Pillow first, so a corrupt
+    upload would fail inside Gradio with a bare "Error"; ``Predictor`` decodes it instead and
+    says what is wrong. Gradio has already moved the upload into its cache and checked it.
+    """
+    if payload is None:
+        return None, ''
+    if isinstance(payload, (str, Path)):
+        return str(payload), Path(payload).name
+    if isinstance(payload, dict):
+        if payload.get('path'):
+            return payload['path'], payload.get('orig_name') or Path(payload['path']).name
+        url = payload.get('url') or ''
+        if url.startswith('data:') and ',' in url:  # an inline (base64) image
+            try:
+                return base64.b64decode(url.split(',', 1)[1], validate=True), 'pasted image'
+            except ValueError:
+                raise ImageError('pasted image: invalid base64 data') from None
+    raise ImageError('the upload carried no file')
+
+
+def find_examples(dirs=EXAMPLE_DIRS, limit: int = 12) -> list[str]:
+    """PNG examples from app/examples, else data_beton/examples (written by the converter)."""
+    for d in dirs:
+        files = sorted(Path(d).glob('*.png'))
+        if files:
+            return [str(f) for f in files[:limit]]
+    return []
+
+
+def model_panel(predictor: Predictor | None, problem: str | None = None) -> str:
+    if predictor is None:
+        return f'### Model\n\n**No model loaded.** {problem or NO_CHECKPOINT_MESSAGE}'
+    i = predictor.info()
+    pct = (lambda v: f'{v:.2%}' if isinstance(v, (int, float)) else 'n/a')
+    epochs = f'{i["epoch"]}' + (f' of {i["epochs_planned"]}' if i['epochs_planned'] else '')
+    arch = f'{i["arch"]}' + (f' (width {i["width"]})' if i['width'] else '')
+    rows = [('Architecture', arch), ('Parameters', f'{i["parameters"]:,}'),
+            ('Test top-1', pct(i['test_top1'])), ('Test top-5', pct(i['test_top5'])),
+            ('Epochs', epochs), ('Training time', format_seconds(i['train_seconds'])),
+            ('Checkpoint', f'`{Path(i["checkpoint"]).name}`' if i['checkpoint'] else 'in memory'),
+            ('Created', i['created'] or 'n/a')]
+    return '### Model\n\n' + '\n'.join(f'- **{k}:** {v}' for k, v in rows)
+
+
+def make_classify(predictor: Predictor | None, problem: str | None = None):
+    """The event handler: upload -> (label dict, superclass markdown, status markdown).
+
+    Never raises: every failure becomes a message in the page, so the app keeps serving.
+    """
+    def classify(payload):
+        if predictor is None:
+            return None, '', f'**No model loaded.** {problem or NO_CHECKPOINT_MESSAGE}'
+        name = 'image'
+        try:
+            source, name = uploaded_file(payload)
+            if source is None:  # the image was cleared
+                return None, '', ''
+            pred = predictor.predict(source, TOPK, name=name)
+        except ImageError as e:
+            gr.Warning(str(e))
+            return None, '', f'**Could not classify this image.** {e}'
+        except Exception as e:  # a bug, not the user's fault: log it, keep serving
+            log.exception('prediction failed for %s', name)
+            return None, '', f'**Internal error** ({type(e).__name__}); the app is still running.'
+        label = {n: p for n, p in pred.classes}
+        sup = (f'**Superclass:** {pred.superclass} ({pred.superclass_prob:.1%})'
+               if pred.superclass else '')
+        status = ' '.join(f'Note: {n}.' for n in pred.notes)
+        return label, sup, status
+    return classify
+
+
+def build_app(predictor: Predictor | None, *, problem: str | None = None,
+              examples: list[str] | None = None) -> gr.Blocks:
+    """The UI around ``predictor`` (``None``: no model; ``problem`` says why)."""
+    examples = find_examples() if examples is None else examples
+    with gr.Blocks(title='CIFAR-100 classifier', analytics_enabled=False) as demo:
+        gr.Markdown('# CIFAR-100 classifier\nA ResNet-18 trained on CIFAR-100 (100 classes of '
+                    '32×32 images). Your image is centre-cropped to a square and shrunk to 32×32, '
+                    'as the training images were.')
+        if predictor is None:
+            gr.Markdown(f'> **No trained model found.** {problem or NO_CHECKPOINT_MESSAGE}',
+                        elem_id='no-model')
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type='filepath', image_mode=None, label='Image',
+                                 sources=['upload', 'clipboard', 'webcam'], elem_id='image',
+                                 height=320)
+                if examples:
+                    gr.Examples(examples, inputs=image, cache_examples=False,
+                                examples_per_page=12, label='Examples (CIFAR-100 test images)')
+            with gr.Column():
+                top = gr.Label(num_top_classes=TOPK, label=f'Top-{TOPK} classes', elem_id='top5')
+                superclass = gr.Markdown(elem_id='superclass')
+                status = gr.Markdown(elem_id='status')
+                gr.Markdown(model_panel(predictor, problem), elem_id='model-info')
+        # .change covers upload, paste, webcam, examples and clear; one request at a time
+        # (the default concurrency limit of 1): the model uses every core for each image.
+        # preprocess=False: the handler gets the uploaded file undecoded (see uploaded_file).
+        image.change(make_classify(predictor, problem), inputs=image,
+                     outputs=[top, superclass, status], api_name='predict', preprocess=False)
+    return demo
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description='Serve the CIFAR-100 classifier with Gradio.')
+    ap.add_argument('--checkpoint', help='checkpoint file (default: $MODEL_PATH, else the newest '
+                                         'runs/*/best.pt, else model.pt beside app.py)')
+    # Spaces set GRADIO_SERVER_NAME=0.0.0.0; an explicit 127.0.0.1 would override it
+    ap.add_argument('--host', default=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'),
+                    help='address to bind (default 127.0.0.1: this machine only)')
+    ap.add_argument('--port', type=int, default=int(os.environ.get('GRADIO_SERVER_PORT', 7860)))
+    ap.add_argument('--compile', action='store_true', default=os.environ.get('COMPILE_MODEL') == '1',
+                    help='torch.compile the model at start-up (5-30 s): ~1.4x faster inference '
+                         '(also COMPILE_MODEL=1, e.g. as a Space variable)')
+    return ap.parse_args(argv)
+
+
+def load_predictor(checkpoint: str | None, *, compile_model: bool = False
+                   ) -> tuple[Predictor | None, str | None]:
+    """(predictor, None), or (None, why not) when no usable checkpoint was found implicitly.
+    An explicit ``--checkpoint`` that fails raises :class:`CheckpointError`."""
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
+        return None, None
+    try:
+        return Predictor(path, compile_model=compile_model), None
+    except CheckpointError as e:
+        if checkpoint:
+            raise
+        log.warning('%s', e)
+        return None, f'The checkpoint could not be loaded: {e}. {NO_CHECKPOINT_MESSAGE}'
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    args = parse_args(argv)
+    try:
+        predictor, problem = load_predictor(args.checkpoint, compile_model=args.compile)
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if predictor is None:
+        log.warning('%s', problem or NO_CHECKPOINT_MESSAGE)
+    else:
+        log.info('serving %s', predictor.path)
+    demo = build_app(predictor, problem=problem)
+    demo.queue(max_size=256).launch(server_name=args.host, server_port=args.port,
+                                    max_file_size=MAX_FILE_SIZE, theme=THEME, show_error=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""End-to-end tests of the Gradio app: a real server on 127.0.0.1, driven by a headless
+browser (Debian's chromium + chromedriver through selenium) and by gradio_client, plus the
+200-request load test at concurrency 8, the no-checkpoint page and the Space layout.
+
+    .venv/bin/python -m pytest tests/test_app_e2e.py      # ~40 s on the 2-core CPU
+
+Browser tests skip (with the reason) when selenium, /usr/bin/chromium or /usr/bin/chromedriver
+is missing; selenium-manager is never used (it would try to download a driver).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.predictor import Predictor
+from test_predictor import make_test_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / 'scripts'))  # appended: nothing else gets shadowed
+from loadtest_app import free_port, run_load, serve_app  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
+TRAIN_HINT = 'python scripts/train.py --config rn18.yaml'
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory) -> Path:
+    # full width: the load test should measure the real model's cost
+    return make_test_checkpoint(tmp_path_factory.mktemp('e2e') / 'rn18.pt', width=64)
+
+
+@pytest.fixture(scope='module')
+def reference(ckpt) -> Predictor:
+    """The same checkpoint in this process, to know what the page should show."""
+    return Predictor(ckpt)
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp('upload')
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in range(4):
+        out[f'good{i}'] = d / f'good{i}.png'
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out[f'good{i}'])
+    out['photo'] = d / 'photo.jpg'
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(out['photo'])
+    out['corrupt'] = d / 'corrupt.png'
+    out['corrupt'].write_bytes(b'\x89PNG\r\n\x1a\n' + b'definitely not image data' * 40)
+    out['empty'] = d / 'empty.png'
+    out['empty'].write_bytes(b'')
+    out['text'] = d / 'notes.txt'
+    out['text'].write_text('hello, I am not an image\n')
+    out['huge'] = d / 'huge.png'
+    Image.new('1', (10000, 10000)).save(out['huge'])  # 100 MP, 12 kB
+    out['anim'] = d / 'anim.gif'
+    frames = [Image.fromarray(np.full((40, 40, 3), c, np.uint8)) for c in (0, 128, 255)]
+    frames[0].save(out['anim'], save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return out
+
+
+@pytest.fixture(scope='module')
+def app_url(ckpt):
+    with serve_app(ckpt) as url:
+        yield url
+
+
+def make_client(url):
+    import ssl
+    from gradio_client import Client
+    return Client(url, verbose=False, download_files=False, analytics_enabled=False,
+                  ssl_verify=ssl.create_default_context())  # see loadtest_app.run_load
+
+
+# --------------------------------------------------------------------------- browser
+
+@pytest.fixture(scope='module')
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip('selenium is not installed (pip install selenium)')
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not exe.is_file():
+            pytest.skip(f'{exe} not found (apt-get install chromium chromium-driver)')
+    profile = tempfile.mkdtemp(prefix='chromium-profile-')
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                f'--user-data-dir={profile}', '--window-size=1280,1600'):
+        opts.add_argument(arg)
+    # an explicit driver path: selenium-manager is never asked to download anything
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(driver, url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver.get(url)
+    WebDriverWait(driver, 60).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, '#image input[type=file]')))
+
+
+def upload(driver, path: Path):
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, '#image input[type=file]').send_keys(str(path))
+
+
+def shown_labels(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+    return [e.text for e in driver.find_elements(
+        By.CSS_SELECTOR, '#top5 [data-testid$="-confidence-set"] dt')]
+
+
+def wait_for(driver, cond, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: cond(d))
+
+
+def text_of(driver, elem_id: str) -> str:
+    from selenium.webdriver.common.by import By
+    return driver.find_element(By.ID, elem_id).text
+
+
+def test_browser_upload_shows_top5(app_url, browser, reference, images):
+    open_page(browser, app_url)
+    panel = text_of(browser, 'model-info')
+    assert 'resnet18' in panel and '11,220,132' in panel and '75.12%' in panel and '13m 32s' in panel
+    upload(browser, images['photo'])
+    labels = wait_for(browser, lambda d: (lambda ls: ls if len(ls) == 5 else None)(shown_labels(d)))
+    expect = reference.predict(images['photo'], topk=5)
+    assert labels == [n for n, _ in expect.classes]  # the five, in descending order
+    assert f'Superclass: {expect.superclass}' in text_of(browser, 'superclass')
+
+
+def test_browser_bad_upload_shows_message_and_app_keeps_serving(app_url, browser, reference, images):
+    open_page(browser, app_url)
+    upload(browser, images['corrupt'])
+    status = wait_for(browser, lambda d: text_of(d, 'status') or None)
+    assert 'Could not classify this image' in status and 'corrupt.png: corrupt or unreadable' in status
+    assert shown_labels(browser) == []
+    open_page(browser, app_url)  # a new visitor: the server is still up and answering
+    upload(browser, images['good1'])
+    labels = wait_for(browser, lambda d: (lambda ls: ls if len(ls) == 5 else None)(shown_labels(d)))
+    assert labels == [n for n, _ in reference.predict(images['good1']).classes]
+    assert text_of(browser, 'status') == ''
+
+
+# --------------------------------------------------------------------------- API and load
+
+def test_bad_inputs_through_the_api_give_messages(app_url, images, reference):
+    client = make_client(app_url)
+    expected = {'corrupt': 'corrupt.png: corrupt or unreadable', 'empty': 'empty.png: the file is empty',
+                'text': 'notes.txt: not an image',
+                'huge': 'huge.png: 10000x10000 pixels (100 megapixels) is too large'}
+    from gradio_client import handle_file
+    for key, msg in expected.items():
+        label, sup, status = client.predict(handle_file(images[key]), api_name='/predict')
+        assert 'Could not classify this image' in status and msg in status, (key, status)
+        assert not (label or {}).get('confidences') and sup == ''
+    label, sup, status = client.predict(handle_file(images['anim']), api_name='/predict')
+    assert len(label['confidences']) == 5
+    assert 'animated image: classified the first frame' in status
+    label, _, status = client.predict(handle_file(images['good2']), api_name='/predict')
+    assert [c['label'] for c in label['confidences']] == \
+        [n for n, _ in reference.predict(images['good2']).classes]
+    assert status == ''
+    client.close()
+
+
+def test_load_200_predictions_at_concurrency_8(app_url, images):
+    goods = [str(images[f'good{i}']) for i in range(4)]
+    result = run_load(app_url, goods, n=200, concurrency=8)
+    print(f"\nload test: {result['n']} requests, concurrency {result['concurrency']}: "
+          f"{result['errors']} errors, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
+          f"{result['throughput_rps']} req/s")
+    assert result['errors'] == 0, result['error_examples']
+    assert 0 < result['p50_ms'] <= result['p95_ms'] <= result['max_ms']
+
+
+def test_loadtest_script_writes_json(app_url, images, tmp_path):
+    out = tmp_path / 'lt.json'
+    r = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'loadtest_app.py'), '--url', app_url,
+                        '-n', '16', '--concurrency', '4', '--images', str(images['good0']),
+                        '--out', str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert '16 requests at concurrency 4: 0 errors' in r.stdout
+    data = json.loads(out.read_text())
+    assert data['errors'] == 0 and data['n'] == 16 and data['p50_ms'] <= data['p95_ms']
+
+
+# --------------------------------------------------------------------------- no model, CLI, Space
+
+def test_without_checkpoint_the_page_says_how_to_train():
+    from app.app import build_app
+    demo = build_app(None, examples=[])
+    port = free_port()
+    demo.queue().launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True,
+                        quiet=True)
+    try:
+        url = f'http://127.0.0.1:{port}'
+        with urllib.request.urlopen(url + '/config', timeout=10) as r:
+            config = r.read().decode()
+        assert 'No trained model found' in config and TRAIN_HINT in config
+        client = make_client(url)
+        from gradio_client import handle_file
+        label, _, status = client.predict(handle_file(str(ROOT / 'app' / 'README.md')),
+                                          api_name='/predict')
+        assert 'No model loaded' in status and TRAIN_HINT in status
+        client.close()
+    finally:
+        demo.close()
+
+
+def test_without_checkpoint_in_the_browser(browser):
+    from app.app import build_app
+    from selenium.webdriver.common.by import By
+    demo = build_app(None, examples=[])
+    port = free_port()
+    demo.queue().launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True,
+                        quiet=True)
+    try:
+        open_page(browser, f'http://127.0.0.1:{port}')
+        text = browser.find_element(By.ID, 'no-model').text
+        assert 'No trained model found' in text and TRAIN_HINT in text
+    finally:
+        demo.close()
+
+
+def test_app_bad_checkpoint_is_a_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / 'app' / 'app.py'), '--checkpoint',
+                        str(tmp_path / 'missing.pt')], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f'error: {tmp_path / "missing.pt"}: no such checkpoint file'
+
+
+def test_app_options_and_examples(tmp_path, monkeypatch):
+    from app.app import build_app, find_examples, parse_args
+    monkeypatch.delenv('GRADIO_SERVER_NAME', raising=False)
+    monkeypatch.delenv('GRADIO_SERVER_PORT', raising=False)
+    args = parse_args([])
+    assert (args.host, args.port, args.checkpoint) == ('127.0.0.1', 7860, None)
+    args = parse_args(['--host', '0.0.0.0', '--port', '8080', '--checkpoint', 'x.pt'])
+    assert (args.host, args.port, args.checkpoint) == ('0.0.0.0', 8080, 'x.pt')
+    monkeypatch.setenv('GRADIO_SERVER_NAME', '0.0.0.0')  # what a Space sets
+    assert parse_args([]).host == '0.0.0.0'
+    empty, full = tmp_path / 'a', tmp_path / 'b'
+    empty.mkdir(), full.mkdir()
+    for i in range(3):
+        Image.new('RGB', (32, 32)).save(full / f'0000{i}_apple.png')
+    found = find_examples([empty, full])
+    assert [Path(f).name for f in found] == [f'0000{i}_apple.png' for i in range(3)]
+    types = [c['type'] for c in build_app(None, examples=found).config['components']]
+    assert 'dataset' in types  # the examples gallery
+    types = [c['type'] for c in build_app(None, examples=[]).config['components']]
+    assert 'dataset' not in types
+
+
+def test_load_predictor_explicit_vs_implicit(tmp_path, monkeypatch, ckpt):
+    from app.app import load_predictor
+    from app.predictor import CheckpointError
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+        load_predictor(str(garbage))  # --checkpoint: fail fast (exit 2 in main)
+    monkeypatch.setenv('MODEL_PATH', str(garbage))  # found implicitly: serve, and say why not
+    predictor, problem = load_predictor(None)
+    assert predictor is None and 'could not be loaded' in problem and TRAIN_HINT in problem
+    monkeypatch.setenv('MODEL_PATH', str(ckpt))
+    predictor, problem = load_predictor(None)
+    assert problem is None and predictor.path == ckpt
+
+
+def test_uploaded_file_payloads(tmp_path):
+    import base64
+    from app.app import uploaded_file
+    from app.predictor import ImageError
+    assert uploaded_file(None) == (None, '')
+    assert uploaded_file({'path': '/tmp/gradio/abc/cat.png', 'orig_name': 'my cat.png'}) == \
+        ('/tmp/gradio/abc/cat.png', 'my cat.png')
+    assert uploaded_file({'path': '/tmp/gradio/abc/cat.png'}) == ('/tmp/gradio/abc/cat.png', 'cat.png')
+    assert uploaded_file('/x/y.jpg') == ('/x/y.jpg', 'y.jpg')
+    data = b'\x89PNG fake'
+    url = 'data:image/png;base64,' + base64.b64encode(data).decode()
+    assert uploaded_file({'path': None, 'url': url}) == (data, 'pasted image')
+    with pytest.raises(ImageError, match='invalid base64'):
+        uploaded_file({'path': None, 'url': 'data:image/png;base64,@@@'})
+    with pytest.raises(ImageError, match='no file'):
+        uploaded_file({'path': None, 'url': None})
+
+
+def test_app_runs_in_a_space_layout(tmp_path, ckpt, images, reference):
+    """app/ as the Space root: app.py, predictor.py, model/ side by side, the checkpoint shipped
+    as model.pt, started with no arguments (as a Space runs it)."""
+    space = tmp_path / 'space'
+    space.mkdir()
+    for f in ('app.py', 'predictor.py', 'requirements.txt', 'README.md'):
+        shutil.copy(ROOT / 'app' / f, space / f)
+    shutil.copytree(ROOT / 'model', space / 'model', ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copy(ckpt, space / 'model.pt')
+    env = {'MODEL_PATH': '', 'PYTHONPATH': ''}  # nothing from the repository on the path
+    with serve_app(None, app_file=space / 'app.py', env=env) as url:
+        client = make_client(url)
+        from gradio_client import handle_file
+        label, _, _ = client.predict(handle_file(images['good3']), api_name='/predict')
+        assert [c['label'] for c in label['confidences']] == \
+            [n for n, _ in reference.predict(images['good3']).classes]
+        client.close()
