@@ -179,29 +179,47 @@ def _popen_train(args: list[str]) -> subprocess.Popen:
                             env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
-def test_ctrl_c_saves_checkpoint_and_resume_matches_uninterrupted(synthetic_betons, tmp_path):
-    """SIGINT mid-epoch -> interrupted.pt, exit 130; resuming it gives the same final weights
-    as a run that was never interrupted (batch 10: 40 steps per epoch)."""
-    from training.trainer import train
+def test_ctrl_c_mid_epoch_saves_checkpoint_and_resume_matches_uninterrupted(synthetic_betons, tmp_path):
+    """SIGINT at step 5 of 40 -> interrupted.pt at the next batch boundary; resuming it gives
+    the same final weights as a run that was never interrupted (batch 10: 40 steps/epoch)."""
+    import threading
+    from training.config import load_config
+    from training.trainer import Trainer, TrainingInterrupted, train
     extra = {'data.batch_size': 10, 'training.epochs': 1}
     ref = tmp_path / 'ref'
     train('tiny_cpu', tiny(synthetic_betons, ref, **extra), log=lambda *_: None)
 
     run = tmp_path / 'interrupted'
-    p = _popen_train(['--config', 'tiny_cpu', *as_cli(tiny(synthetic_betons, run, **extra))])
-    for line in p.stdout:  # the first epoch starts right after the set-up line
-        if line.startswith('set-up'):
-            break
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert 'Resume with: python scripts/train.py --resume' in err and 'Traceback' not in err
+    trainer = Trainer(load_config('tiny_cpu', tiny(synthetic_betons, run, **extra)), log=lambda *_: None)
+
+    def press_ctrl_c():  # like a user's Ctrl-C, once training is under way
+        while getattr(trainer, 'step', 0) < 5:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
     ck = torch.load(run / 'interrupted.pt', map_location='cpu', weights_only=True)
-    assert 0 < ck['batch'] < 40 and ck['epoch'] == 0  # really mid-epoch
+    assert 5 <= ck['batch'] < 40 and ck['epoch'] == 0 and ck['step'] == ck['batch']  # mid-epoch
     train(None, ['output.progress=off'], resume=str(run / 'interrupted.pt'), log=lambda *_: None)
     assert_same_weights(ref / 'last.pt', run / 'last.pt')
     assert not (run / 'interrupted.pt').exists()
+
+
+def test_ctrl_c_from_the_command_line_exits_130_with_resume_hint(synthetic_betons, tmp_path):
+    run = tmp_path / 'cli'
+    p = _popen_train(['--config', 'tiny_cpu', *as_cli(tiny(synthetic_betons, run, **{
+        'data.batch_size': 2, 'training.epochs': 3}))])
+    for line in p.stdout:  # training starts right after the set-up line
+        if line.startswith('set-up'):
+            break
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith('interrupted; checkpoint saved. Resume with: python scripts/train.py --resume ')
+    assert Path(hint.rsplit(' ', 1)[1]).is_file() and 'Traceback' not in err
 
 
 def test_ddp_two_cpu_processes(synthetic_betons, tmp_path):
