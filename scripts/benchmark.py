@@ -43,7 +43,7 @@ def main() -> int:
     if args.tiny:
         s.batch_size, s.loader_epochs, s.loader_images = 64, 2, 512
         s.model_batch, s.model_steps, s.model_width, s.epoch_images = 16, 2, 8, 64
-    res = run_benchmark(s)
+    res = run_benchmark(s, compare_ops=not args.tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'benchmark.json').write_text(json.dumps(res, indent=2) + '\n')

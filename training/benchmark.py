@@ -116,6 +116,38 @@ def bench_ffcv_loader(s: Settings) -> dict:
     return out
 
 
+def bench_augmentation_ops(s: Settings) -> dict:
+    """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones."""
+    import ffcv.transforms as FT
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+    from ffcv_pipeline import ops as O
+    from ffcv_pipeline.loaders import _fill, label_pipeline, make_loader
+
+    fill = _fill(CIFAR100_MEAN)
+    out = {}
+    for name in ('ours', 'ffcv_builtin'):
+        state = O.AugmentationState(0)
+        aug = ([O.RandomHorizontalFlip(state), O.RandomTranslate(state, padding=4, fill=fill),
+                O.Cutout(state, size=8, fill=fill)] if name == 'ours' else
+               [FT.RandomHorizontalFlip(), FT.RandomTranslate(padding=4, fill=fill), FT.Cutout(8, fill)])
+        loader = make_loader(s.train_beton, batch_size=s.batch_size, num_workers=s.workers,
+                             order='quasi_random', os_cache=True, drop_last=True, state=state,
+                             pipelines={'image': [SimpleRGBImageDecoder(), *aug, ToTensor(),
+                                                  ToTorchImage(channels_last=True)],
+                                        'label': label_pipeline(device=torch.device('cpu'))})
+        rates = []
+        for epoch in range(s.loader_epochs + 1):
+            t, n = time.perf_counter(), 0
+            for x, _ in loader.epoch(epoch):
+                n += x.shape[0]
+            if epoch:
+                rates.append(n / (time.perf_counter() - t))
+        out[name] = round(statistics.median(rates), 1)
+    out['speedup'] = round(out['ours'] / out['ffcv_builtin'], 2)
+    return out
+
+
 class _ArrayDataset(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR100 does per item: a uint8 array -> PIL image -> transform."""
 
@@ -291,12 +323,15 @@ def environment(dev: torch.device) -> dict:
             'torch_threads': torch.get_num_threads()}
 
 
-def run_benchmark(s: Settings, log=print) -> dict:
+def run_benchmark(s: Settings, log=print, compare_ops: bool = True) -> dict:
     s = s.resolved()
     res: dict = {'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()},
                  'environment': environment(s.dev)}
     log(f'FFCV loader: batch {s.batch_size}, {s.workers} workers ...')
     res['loader_ffcv'] = bench_ffcv_loader(s)
+    if compare_ops:
+        log('augmentation ops: ours vs FFCV built-in (uint8 out) ...')
+        res['augmentation_ops'] = bench_augmentation_ops(s)
     images, labels = read_beton_arrays(s.train_beton, s.loader_images)
     log(f'torchvision loader: batch {s.batch_size}, {s.workers} workers ...')
     res['loader_torchvision'] = bench_torchvision_loader(s, images, labels)
@@ -331,6 +366,10 @@ def format_table(res: dict) -> str:
     rows.append(('loader: torchvision DataLoader', f'{t["images_per_s_median"]:,.0f}',
                  f'{t["images_per_s_min"]:,.0f}-{t["images_per_s_max"]:,.0f}; warm-up {t["warmup_epoch_s"]:.1f} s'))
     rows.append(('loader speed-up FFCV / torchvision', f'{res["loader_speedup"]:.1f}x', ''))
+    if 'augmentation_ops' in res:
+        a = res['augmentation_ops']
+        rows.append(('aug ops only, uint8 out: ours / FFCV built-in', f'{a["ours"]:,.0f}',
+                     f'FFCV built-in {a["ffcv_builtin"]:,.0f}: {a["speedup"]:.1f}x'))
     m = res['model_step']
     rows.append((f'model step ({m["precision"]}, channels-last, batch {m["batch"]})',
                  f'{m["images_per_s"]:,.1f}', f'{m["steps"]} steps, synthetic tensors'))
