@@ -10,7 +10,6 @@ is missing; selenium-manager is never used (it would try to download a driver).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from app.predictor import (MAX_PIXELS, CheckpointError, ImageError, Predictor, fold_batchnorm,
-                           load_rgb, normalize, prepare_image, resolve_checkpoint)
+                           normalize, prepare_image, resolve_checkpoint)
 from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model

@@ -21,7 +21,6 @@ def read_beton(path, indices=None):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import ToTensor
     loader = Loader(str(path), batch_size=100, num_workers=1, order=OrderOption.SEQUENTIAL,
                     drop_last=False, indices=indices,
                     pipelines={'image': [SimpleRGBImageDecoder()], 'label': [IntDecoder()],

@@ -209,34 +209,40 @@ def bench_torchvision_loader(s: Settings, images: np.ndarray, labels: np.ndarray
 
 
 # --- model ---------------------------------------------------------------------------------------
-def bench_model_step(s: Settings, *, dtype: torch.dtype, channels_last: bool) -> dict:
+def _train_setup(s: Settings, dtype: torch.dtype, channels_last: bool = True):
+    """Model, and a training step ``step(x, y)`` as the trainer takes it (AMP, SGD, scaler)."""
     dev = s.dev
     torch.manual_seed(0)
     model = build_model('resnet18', width=s.model_width, channels_last=channels_last).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(s.model_batch, 3, 32, 32, device=dev).to(memory_format=fmt)
-    y = torch.randint(0, 100, (s.model_batch,), device=dev)
     if dev.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
-    def step():
+    def step(x, y):
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+    return model, step
 
+
+def bench_model_step(s: Settings, *, dtype: torch.dtype, channels_last: bool) -> dict:
+    dev = s.dev
+    _, step = _train_setup(s, dtype, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(s.model_batch, 3, 32, 32, device=dev).to(memory_format=fmt)
+    y = torch.randint(0, 100, (s.model_batch,), device=dev)
     t = time.perf_counter()
     for _ in range(2 if dev.type == 'cpu' else 10):  # cuDNN autotuning, allocator warm-up
-        step()
+        step(x, y)
     _sync(dev)
     warm = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(s.model_steps):
-        step()
+        step(x, y)
     _sync(dev)
     dt = time.perf_counter() - t
     return {'images_per_s': round(s.model_steps * s.model_batch / dt, 1), 'batch': s.model_batch,
@@ -260,11 +266,7 @@ def bench_full_epoch(s: Settings) -> dict:
                          os_cache=True, drop_last=True, state=state,
                          indices=_subset(n_total, s.epoch_images),
                          pipelines=train_pipeline(device=dev, dtype=dtype, state=state, cutout=8))
-    model = build_model('resnet18', width=s.model_width).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    _, train_step = _train_setup(s, dtype)
 
     def epoch(e):
         wait, n = 0.0, 0
@@ -277,12 +279,7 @@ def bench_full_epoch(s: Settings) -> dict:
             except StopIteration:
                 break
             wait += time.perf_counter() - t
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            train_step(x, y)
             n += y.shape[0]
         _sync(dev)
         return n, time.perf_counter() - t_epoch, wait
