@@ -280,7 +280,8 @@ def compile_for_cpu(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.M
 
     Freezing constant-folds the weights, prepacks them for oneDNN and fuses conv+add+relu:
     ~1.4x faster at batch 1 here. Costs 5-30 s at start-up (cached in /tmp/torchinductor_*) and
-    needs a C++ compiler, so it is opt-in; returns ``None`` (serve the eager model) if it fails.
+    needs a C++ compiler (the app does it by default, the CLI on ``--compile``); returns
+    ``None`` (serve the eager model) if it fails.
     """
     try:
         import torch._inductor.config as inductor_config

@@ -10,6 +10,7 @@ is missing; selenium-manager is never used (it would try to download a driver).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from test_predictor import make_test_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / 'scripts'))  # appended: nothing else gets shadowed
+# The app compiles its model by default (5-30 s at start-up); these tests start it many times.
+os.environ.setdefault('COMPILE_MODEL', '0')
 from loadtest_app import free_port, run_load, serve_app  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
