@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import tarfile
@@ -202,7 +203,7 @@ def _read_archive(path: Path, md5: str) -> Cifar100:
                         (len(parts) == 1 or parts[-2] == ARCHIVE_DIR):
                     f = tar.extractfile(member)
                     raw[parts[-1]] = f.read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
         reason = getattr(e, 'strerror', None) or str(e).splitlines()[0].rstrip(':') or type(e).__name__
         if 'could not be opened' in reason:  # tarfile tried every compression and gave up
             reason = 'not a tar, tar.gz, tar.bz2 or tar.xz file'

@@ -71,7 +71,7 @@ def label_pipeline(*, device: torch.device) -> list:
     ops = [IntDecoder(), ToTensor()]
     if device.type != 'cpu':
         ops.append(ToDevice(device, non_blocking=True))
-    return ops + [Squeeze(), Convert(torch.int64)]
+    return ops + [Squeeze(1), Convert(torch.int64)]  # dim 1 only: a last batch of 1 stays 1-D
 
 
 def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,

@@ -13,10 +13,11 @@ import functools
 import json
 import multiprocessing
 import os
+import re
+import signal
 import tempfile
 import threading
 import time
-import _thread
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,9 +63,10 @@ def _ffcv_fields():
 
 
 class _WorkerWatchdog:
-    """ffcv's writer waits forever for its counter when a worker process dies (disk full,
-    killed). This thread notices a child that exited with an error and interrupts the main
-    thread, which turns into a clear error instead of a hang."""
+    """ffcv's writer waits forever for its counter (or its allocation queue) when a worker
+    process dies (disk full, killed). This thread notices a child that exited with an error and
+    sends the main thread a real SIGINT (which also breaks a blocking wait, unlike
+    ``_thread.interrupt_main``); that turns into a clear error instead of a hang."""
 
     def __init__(self):
         self.failed: int | None = None
@@ -76,7 +78,7 @@ class _WorkerWatchdog:
             for p in multiprocessing.active_children():
                 if p.exitcode not in (None, 0):
                     self.failed = p.exitcode
-                    _thread.interrupt_main()
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                     return
 
     def __enter__(self):
@@ -124,11 +126,39 @@ def _write_examples(data: Cifar100, out_dir: Path, count: int = 12) -> None:
     for i, label in enumerate(data.test.fine):
         if int(label) not in seen:
             seen.add(int(label))
-            Image.fromarray(data.test.images[i]).save(tmp / f'{i:05d}_{data.fine_names[label]}.png')
+            safe = re.sub(r'[^A-Za-z0-9_.-]+', '_', data.fine_names[label])  # names come from the archive
+            Image.fromarray(data.test.images[i]).save(tmp / f'{i:05d}_{safe}.png')
             if len(seen) == count:
                 break
     shutil.rmtree(out_dir / EXAMPLES_DIR, ignore_errors=True)
     os.replace(tmp, out_dir / EXAMPLES_DIR)
+
+
+_TEMP = re.compile(r'^\.(.+)\.tmp-(\d+)$')  # .<name>.tmp-<pid>: this module's temporary outputs
+
+
+def _remove_temps(out_dir: Path, pid: int | None = None) -> None:
+    """Remove temporary outputs of process ``pid``, or (None) of earlier runs that were killed
+    (SIGKILL, out of memory) and could not clean up: up to 170 MB each."""
+    import shutil
+    for p in out_dir.iterdir():
+        m = _TEMP.match(p.name)
+        if not m:
+            continue
+        owner = int(m.group(2))
+        if pid is None:
+            if owner == os.getpid():
+                continue
+            try:
+                os.kill(owner, 0)
+                continue  # that process still runs: leave its files alone
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif owner != pid:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _load_manifest(out_dir: Path) -> dict | None:
@@ -199,6 +229,7 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    _remove_temps(out_dir)  # left by killed runs
 
     if source is None:
         # Official data: up to date if the manifest says it came from the official archive,
@@ -238,18 +269,16 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a crash between renames => rewrite
         for name in tmp:
             os.replace(tmp[name], final[name])
+        _write_examples(data, out_dir)
+        seconds = time.perf_counter() - t0
+        manifest = _manifest(data, final, seconds)
+        mtmp = out_dir / f'.{MANIFEST_NAME}.tmp-{os.getpid()}'
+        mtmp.write_text(json.dumps(manifest, indent=2) + '\n')
+        os.replace(mtmp, out_dir / MANIFEST_NAME)
     except OSError as e:
         raise DatasetError(f'{out_dir}: writing failed ({e.strerror or e})') from None
     finally:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-
-    _write_examples(data, out_dir)
-    seconds = time.perf_counter() - t0
-    manifest = _manifest(data, final, seconds)
-    mtmp = out_dir / f'.{MANIFEST_NAME}.tmp-{os.getpid()}'
-    mtmp.write_text(json.dumps(manifest, indent=2) + '\n')
-    os.replace(mtmp, out_dir / MANIFEST_NAME)
+        _remove_temps(out_dir, os.getpid())  # .beton/examples/manifest temps of this run
     log(f'wrote {final["train"]} ({len(data.train):,}) and {final["test"]} ({len(data.test):,}) '
         f'in {seconds:.1f} s')
     return WriteResult('written', manifest, seconds)

@@ -11,7 +11,8 @@ A checkpoint is a dict saved with ``torch.save``::
     image_size        32
     config            the full resolved training config (dict)
     epoch             epochs completed;  step: optimizer steps taken
-    metrics           {'test_top1', 'test_top5', 'best_top1', 'train_seconds', 'epochs_planned', ...}
+    metrics           {'test_top1', 'test_top5', 'best_top1', 'epochs_planned', 'params',
+                       'train_seconds' (wall-clock since the run started, resumes included)}
     created           ISO time;  torch_version
     -- for resuming (absent from inference-only exports) --
     optimizer, scaler, rng {'python', 'numpy', 'torch', 'cuda'}, best_top1

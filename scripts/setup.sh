@@ -21,12 +21,16 @@ BROWSER_PKGS=(chromium chromium-driver)
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
+can_apt() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    [ "$(id -u)" -eq 0 ] && return 0
+    command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null
+}
+
 apt_install() {  # apt_install PKG... : with apt when we can, else one clear message
-    local runner=()
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then runner=(sudo -n); fi
-    fi
-    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ ${#runner[@]} -gt 0 ]; }; then
+    if can_apt; then
+        local runner=()
+        [ "$(id -u)" -eq 0 ] || runner=(sudo -n)
         say "installing system packages: $*"
         "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
         "${runner[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
@@ -35,26 +39,7 @@ apt_install() {  # apt_install PKG... : with apt when we can, else one clear mes
     fi
 }
 
-# --- 1. system packages -------------------------------------------------------------------
-if ! { command -v pkg-config >/dev/null 2>&1 \
-       && pkg-config --exists libturbojpeg \
-       && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; }; then
-    apt_install "${SYSTEM_PKGS[@]}"
-fi
-if [ "${WITH_BROWSER:-0}" = "1" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
-    apt_install "${BROWSER_PKGS[@]}"
-fi
-
-# --- 2. virtual environment ---------------------------------------------------------------
-stamp_value=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
-stamp_file="$VENV/.setup-stamp"
-smoke='import torch, torchvision, numpy, numba, cv2, ffcv, ffcv.loader, omegaconf, gradio, PIL, matplotlib'
-if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_value" ] \
-   && "$VENV/bin/python" -c "$smoke" 2>/dev/null; then
-    say "already set up ($VENV); nothing to do"
-    exit 0
-fi
-
+# --- 0. the interpreter ---------------------------------------------------------------------
 if [ -z "${PYTHON:-}" ]; then
     for cand in python3.11 python3 python; do
         if command -v "$cand" >/dev/null 2>&1; then PYTHON="$cand"; break; fi
@@ -63,7 +48,46 @@ fi
 [ -n "${PYTHON:-}" ] || die "no python3 found; install Python 3.11"
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 10) else 1)' \
     || die "$PYTHON is $("$PYTHON" -V 2>&1); Python >= 3.10 is needed (3.11 is tested)"
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
+    || say "note: using $("$PYTHON" -V 2>&1); the pins are tested with Python 3.11 (set PYTHON=...)"
+PYVER=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 
+# --- 1. system packages -------------------------------------------------------------------
+missing=()
+if ! { command -v pkg-config >/dev/null 2>&1 \
+       && pkg-config --exists libturbojpeg \
+       && { pkg-config --exists opencv4 || pkg-config --exists opencv; }; }; then
+    missing+=("${SYSTEM_PKGS[@]}")
+fi
+command -v g++ >/dev/null 2>&1 || missing+=(g++)  # ffcv's C++ helper is built from source
+# ...against the interpreter's headers (Python.h) and inside a venv
+if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(0 if os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)'; then
+    missing+=("python$PYVER-dev")
+fi
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=("python$PYVER-venv")
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+if [ "${WITH_BROWSER:-0}" = "1" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+    # best effort: without them the browser test skips, the rest still runs
+    if can_apt; then apt_install "${BROWSER_PKGS[@]}" || say "warning: could not install ${BROWSER_PKGS[*]}"
+    else say "note: no chromium/chromedriver and no apt rights: the browser test will skip"; fi
+fi
+
+# --- 2. virtual environment ---------------------------------------------------------------
+stamp_value=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_file="$VENV/.setup-stamp"
+smoke='import torch, torchvision, numpy, numba, cv2, ffcv, ffcv.loader, omegaconf, gradio, PIL, matplotlib'
+# the quick check (every run): all packages present; the full import (seconds) only after installing
+present='import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ("torch", "torchvision", "numpy", "numba", "cv2", "ffcv", "omegaconf", "gradio", "PIL", "matplotlib", "pytest")) else 1)'
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_value" ] \
+   && "$VENV/bin/python" -c "$present" 2>/dev/null; then
+    say "already set up ($VENV); nothing to do"
+    exit 0
+fi
+
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    say "$VENV is broken (no pip; an earlier venv creation failed?): recreating it"
+    rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtual environment $VENV with $("$PYTHON" -V 2>&1)"
     "$PYTHON" -m venv "$VENV"

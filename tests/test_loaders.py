@@ -134,3 +134,13 @@ def test_quasi_random_order_is_a_function_of_the_epoch(synthetic_betons):
     after_history, alone = order([0, 0, 1]), order([1])
     assert after_history == alone
     assert sorted(alone) == sorted(order([0])) and alone != order([0])
+
+
+def test_a_last_batch_of_one_keeps_its_shape(synthetic_betons):
+    """200 test images in batches of 199: the last batch holds one image (labels stay 1-D)."""
+    from ffcv_pipeline.loaders import make_loader, test_pipeline
+    ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=199, num_workers=1,
+                     order='sequential', os_cache=True, drop_last=False,
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in ld.epoch(0)]
+    assert shapes == [((199, 3, 32, 32), (199,)), ((1, 3, 32, 32), (1,))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import threading
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,7 @@ def _bad_sources(tmp_path: Path, good: Path) -> dict:
     raw = good.read_bytes()
     (tmp_path / 'truncated.tar.gz').write_bytes(raw[: len(raw) // 2])
     (tmp_path / 'corrupt.tar.gz').write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / 'corrupt.tar.xz').write_bytes(b'\xfd7zXZ\x00' + np.random.default_rng(1).bytes(4096))
     bad_shape = make_split(1, seed=3)
     bad_shape['data'] = bad_shape['data'][:, :3000]
     bad_label = make_split(1, seed=3)
@@ -136,6 +138,7 @@ def _bad_sources(tmp_path: Path, good: Path) -> dict:
         'coarse_out_of_range': (build_archive(tmp_path / 'coarse.tar.gz', train=bad_coarse), 'out of range'),
         'label_count': (build_archive(tmp_path / 'count.tar.gz', train=short_labels), "'fine_labels' must be"),
         'no_such_file': (tmp_path / 'nope.tar.gz', 'no such file'),
+        'corrupt_xz': (tmp_path / 'corrupt.tar.xz', 'corrupt or truncated'),
     }
 
 
@@ -199,3 +202,16 @@ def test_download_path_checks_md5_and_is_reused(tmp_path, synthetic_data, monkey
         assert res2.status == 'skipped'  # no network needed the second time
     finally:
         httpd.shutdown()
+
+
+def test_temporary_files_of_killed_runs_are_removed(tmp_path, synthetic_data):
+    out = tmp_path / 'out'
+    out.mkdir()
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    (out / f'.cifar100_train.beton.tmp-{dead}').write_bytes(b'x' * 1000)
+    (out / f'.examples.tmp-{dead}').mkdir()
+    alive = out / f'.cifar100_test.beton.tmp-{os.getpid()}'  # a running process: kept
+    alive.write_bytes(b'y')
+    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', out, '--quiet')
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == [alive.name]

@@ -53,6 +53,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every rank (no-op alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src)
+
+
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank (stop together on NaN or Ctrl-C)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -26,7 +26,13 @@ def append_jsonl(path: Path, record: dict) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash: the epoch is redone on resume
+            continue
+    return records
 
 
 def truncate_jsonl(path: Path, last_epoch: int) -> None:

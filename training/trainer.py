@@ -52,13 +52,14 @@ class _StopAtBatchBoundary(Exception):
 
 
 class StopRequest:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; the loop stops at the
-    next batch boundary, so a checkpoint never holds a half-applied optimizer step. A second
-    Ctrl-C raises KeyboardInterrupt at once."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (preemption, torchrun shutting down)
+    only sets ``requested``; the loop stops at the next batch boundary, so a checkpoint never
+    holds a half-applied optimizer step. A second one raises KeyboardInterrupt at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._prev = None
+        self._prev: dict = {}
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -67,12 +68,13 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handler)
+            self._prev = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
+        self._prev = {}
 
 
 # --- small pieces -------------------------------------------------------------------------------
@@ -85,6 +87,9 @@ def resolve_device(name: str, info: D.DistInfo) -> torch.device:
                               f'use --training.device cpu')
         if name == 'cuda':
             name = f'cuda:{info.local_rank}'
+        elif info.enabled:
+            raise ConfigError(f'training.device: {name!r} would put every torchrun process on one '
+                              f'GPU; use cuda (each process takes its LOCAL_RANK)')
         dev = torch.device(name)
         torch.cuda.set_device(dev)
         return dev
@@ -94,7 +99,8 @@ def resolve_device(name: str, info: D.DistInfo) -> torch.device:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == 'auto':
         if device.type == 'cuda':
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # native bf16 (Ampere and newer); V100/T4 would only emulate it: fp16 + scaler there
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     if name == 'fp16' and device.type == 'cpu':
         raise ConfigError('training.precision: fp16 is not supported on the CPU; use bf16 or fp32')
@@ -148,8 +154,8 @@ def get_rng_state() -> dict:
     st = {'python': random.getstate(), 'numpy': list(np.random.get_state()),
           'torch': torch.get_rng_state()}
     st['numpy'][1] = torch.from_numpy(st['numpy'][1].copy())  # weights_only-loadable
-    if torch.cuda.is_available():
-        st['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st['cuda'] = torch.cuda.get_rng_state()  # this process's device only: resumable elsewhere
     return st
 
 
@@ -159,8 +165,8 @@ def set_rng_state(st: dict) -> None:
     np_state[1] = np_state[1].numpy()
     np.random.set_state(tuple(np_state))
     torch.set_rng_state(st['torch'])
-    if 'cuda' in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st['cuda'])
+    if isinstance(st.get('cuda'), torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st['cuda'])
 
 
 @dataclass
@@ -218,9 +224,10 @@ class Trainer:
         if self.resume:
             self._load_resume(self.resume)
 
-        self.net = self.model
-        if cfg.training.compile:
-            self.net = torch.compile(self.net)
+        # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
+        # evaluating through it would need the same number of batches on every rank.
+        self.eval_net = torch.compile(self.model) if cfg.training.compile else self.model
+        self.net = self.eval_net
         if self.info.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
@@ -247,8 +254,12 @@ class Trainer:
         # -1: all cores, shared among the processes torchrun starts on this node
         local_procs = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         workers = cfg.data.num_workers if cfg.data.num_workers > 0 else max(1, os.cpu_count() // local_procs)
-        train_idx = per_class_indices(beton_labels(train_path), cfg.data.train_per_class)
-        test_labels = beton_labels(test_path)
+        train_labels, test_labels = beton_labels(train_path), beton_labels(test_path)
+        n_labels = int(max(train_labels.max(), test_labels.max())) + 1
+        if cfg.model.num_classes < n_labels:
+            raise ConfigError(f'model.num_classes: {cfg.model.num_classes} is fewer than the '
+                              f'{n_labels} classes in {train_path.name}')
+        train_idx = per_class_indices(train_labels, cfg.data.train_per_class)
         test_idx = per_class_indices(test_labels, cfg.data.test_per_class)
         if test_idx is None:
             test_idx = np.arange(len(test_labels))
@@ -315,7 +326,8 @@ class Trainer:
                                   f'(inference-only export?)')
         self.model.load_state_dict(ckpt['model'])
         self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.scaler.load_state_dict(ckpt['scaler'])
+        if ckpt['scaler'] and self.scaler.is_enabled():  # empty when saved by a bf16/fp32 run
+            self.scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt['rng'])
         self.start_epoch, self.start_batch = ckpt['epoch'], ckpt.get('batch', 0)
         self.step, self.best_top1 = ckpt['step'], ckpt.get('best_top1', 0.0)
@@ -323,7 +335,8 @@ class Trainer:
         self.partial = ckpt.get('partial')
         where = f'epoch {self.start_epoch + 1}, batch {self.start_batch}' if self.start_batch else \
             f'the start of epoch {self.start_epoch + 1}'
-        self.log(f'resuming {path} at {where} (step {self.step})')
+        if self.info.is_main:
+            self.log(f'resuming {path} at {where} (step {self.step})')
 
     # ---- the loop -------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -394,13 +407,18 @@ class Trainer:
         return stats
 
     def _partial(self, s: EpochStats) -> dict:
-        return {'loss_sum': float(s.loss_sum), 'correct': float(s.correct), 'seen': s.seen,
-                'seconds': s.seconds}
+        """The interrupted epoch's statistics summed over ranks (called on every rank)."""
+        t = D.all_reduce_sum(torch.stack([s.loss_sum, s.correct, torch.tensor(
+            float(s.seen), device=self.device, dtype=torch.float64)]))
+        loss_sum, correct, seen = t.tolist()
+        return {'loss_sum': loss_sum, 'correct': correct, 'seen': int(seen), 'seconds': s.seconds}
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, batch: int) -> None:
-        if not math.isfinite(loss_sum.item()):
+        # summed over ranks: every rank takes the same decision (a lone raise would deadlock DDP)
+        total = D.all_reduce_sum(loss_sum.detach().clone()) if self.info.enabled else loss_sum
+        if not math.isfinite(total.item()):
             raise TrainingDiverged(
-                f'training diverged: the loss is {loss_sum.item()} at epoch {epoch + 1}, batch '
+                f'training diverged: the loss is {total.item()} at epoch {epoch + 1}, batch '
                 f'{batch + 1} (step {self.step}); the last good checkpoint is kept in {self.run_dir} '
                 f'(try a lower --training.lr than {self.cfg.training.lr})')
 
@@ -412,14 +430,16 @@ class Trainer:
     def evaluate(self) -> tuple[float, float, float, int]:
         """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured."""
         t0 = time.perf_counter()
-        self.net.eval()
+        D.broadcast_buffers(self.model)  # BatchNorm statistics: rank 0's, as DDP trains with
+        net = self.eval_net
+        net.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # top1, top5, count
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         for x, y in self.test_loader.epoch(0):
             with autocast:
-                logits = self.net(x).float()
+                logits = net(x).float()
                 if self.cfg.training.tta:
-                    logits = logits + self.net(torch.flip(x, dims=[3])).float()
+                    logits = logits + net(torch.flip(x, dims=[3])).float()
             top5 = logits.topk(5, dim=1).indices
             sums[0] += (top5[:, 0] == y).sum()
             sums[1] += (top5 == y[:, None]).any(1).sum()
@@ -434,7 +454,7 @@ class Trainer:
         if info.is_main:
             self.log(f'{cfg.model.arch} ({self.n_params:,} parameters) on {self.device} '
                      f'[{str(self.dtype).replace("torch.", "")}, world size {info.world_size}], '
-                     f'{self.train_loader.num_samples:,} training images/process, batch '
+                     f'{len(self.train_loader) * cfg.data.batch_size:,} training images/process, batch '
                      f'{cfg.data.batch_size}, {len(self.train_loader)} steps/epoch; run folder {self.run_dir}')
         if info.is_main and self.device.type == 'cpu' and self.n_params > 5_000_000 \
                 and self.train_loader.num_samples > 10_000:
@@ -450,9 +470,11 @@ class Trainer:
             stats = EpochStats.zeros(self.device)
             if self.partial and epoch == self.start_epoch:
                 p = self.partial
-                stats.loss_sum += p['loss_sum']
-                stats.correct += p['correct']
-                stats.seen, stats.seconds = p['seen'], p['seconds']
+                stats.seconds = p['seconds']
+                if self.info.is_main:  # totals over all ranks: add them once
+                    stats.loss_sum += p['loss_sum']
+                    stats.correct += p['correct']
+                    stats.seen = p['seen']
             with self.stop:
                 self.train_epoch(epoch, stats)  # a stop request in here saves interrupted.pt
                 self.end_epoch(epoch, stats)
@@ -541,8 +563,10 @@ class Trainer:
                             if summary['best_top1'] is not None else self.config_name)
             reached = f'reached {cfg.training.target_top1:.0%} at {tt:.1f} s (epoch {te})' if tt is not None \
                 else f'did not reach {cfg.training.target_top1:.0%}'
-            self.log(f'done: best top-1 {summary["best_top1"]:.4f}, final {summary["final_top1"]:.4f}, '
-                     f'{reached}; total {summary["total_seconds"]:.1f} s; {self.run_dir}/summary.json')
+            best = 'n/a' if summary['best_top1'] is None else f'{summary["best_top1"]:.4f}'
+            final = 'n/a' if summary['final_top1'] is None else f'{summary["final_top1"]:.4f}'
+            self.log(f'done: best top-1 {best}, final {final}, {reached}; '
+                     f'total {summary["total_seconds"]:.1f} s; {self.run_dir}/summary.json')
         return summary
 
 
