@@ -9,6 +9,7 @@ Writes runs/<config>-<time>/: config.yaml, metrics.jsonl (one line per epoch), l
 best.pt, summary.json (incl. time to 73% top-1) and curves.png. Ctrl-C saves interrupted.pt.
 """
 import argparse
+import os
 import sys
 
 from _cli import run
@@ -33,8 +34,9 @@ def main() -> int:
         print(f'error: {e}', file=sys.stderr)
         return 3
     except TrainingInterrupted as e:
-        print(f'interrupted; checkpoint saved. Resume with: python scripts/train.py --resume {e}',
-              file=sys.stderr)
+        if os.environ.get('RANK', '0') == '0':  # under torchrun: once, not once per process
+            print(f'interrupted; checkpoint saved. Resume with: python scripts/train.py --resume {e}',
+                  file=sys.stderr)
         return 130
     return 0
 
