@@ -68,7 +68,7 @@ ROOT = HERE.parent  # the repository root (in the repo layout)
 
 __all__ = ['Predictor', 'Prediction', 'ImageError', 'CheckpointError', 'prepare_image',
            'load_rgb', 'normalize', 'resolve_checkpoint', 'fold_batchnorm', 'compile_for_cpu',
-           'MAX_PIXELS', 'NO_CHECKPOINT_MESSAGE']
+           'MAX_PIXELS', 'NO_CHECKPOINT_MESSAGE', 'latency']
 
 
 class ImageError(ValueError):
@@ -443,6 +443,21 @@ class Predictor:
             'created': self.ckpt_meta.get('created'),
             'torch_version': self.ckpt_meta.get('torch_version'),
         }
+
+
+def latency(predictor: Predictor, image: Any, n: int) -> dict:
+    """Latency of ``predictor.predict(image)`` (decode + prepare + forward + softmax), ms."""
+    import time
+    for _ in range(min(20, n)):  # warm-up: allocator, oneDNN kernels, page cache
+        predictor.predict(image)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        predictor.predict(image)
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return {'n': n, 'p50_ms': round(times[n // 2], 2), 'p95_ms': round(times[int(n * 0.95)], 2),
+            'min_ms': round(times[0], 2)}
 
 
 # --------------------------------------------------------------------------- finding a checkpoint

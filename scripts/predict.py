@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from _cli import run  # also puts the repository root on sys.path
 
-from app.predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, Predictor, format_seconds,
+from app.predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, Predictor, format_seconds, latency,
                            resolve_checkpoint)
 
 
@@ -47,20 +46,6 @@ def print_table(preds) -> None:
             print(f'  note: {note}')
 
 
-def benchmark(predictor: Predictor, image: str, n: int) -> dict:
-    """Latency of ``predictor.predict(path)``: decode + prepare + forward + softmax, one image."""
-    for _ in range(min(20, n)):  # warm-up: allocator, oneDNN kernels, page cache
-        predictor.predict(image)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        predictor.predict(image)
-        times.append((time.perf_counter() - t) * 1e3)
-    times.sort()
-    return {'n': n, 'p50_ms': round(times[n // 2], 2), 'p95_ms': round(times[int(n * 0.95)], 2),
-            'min_ms': round(times[0], 2)}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     path = resolve_checkpoint(args.checkpoint)
@@ -68,7 +53,7 @@ def main(argv=None) -> int:
         raise CheckpointError(NO_CHECKPOINT_MESSAGE)
     predictor = Predictor(path, compile_model=args.compile)
     if args.benchmark:
-        result = benchmark(predictor, args.images[0], args.benchmark)
+        result = latency(predictor, args.images[0], args.benchmark)
         print(json.dumps(result) if args.json else
               f'{args.images[0]}: {result["n"]} predictions, p50 {result["p50_ms"]} ms, '
               f'p95 {result["p95_ms"]} ms, min {result["min_ms"]} ms')

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 from app.predictor import (MAX_PIXELS, CheckpointError, ImageError, Predictor, fold_batchnorm,
-                           normalize, prepare_image, resolve_checkpoint)
+                           latency, normalize, prepare_image, resolve_checkpoint)
 from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
@@ -381,14 +380,7 @@ def test_animated_gif_uses_the_first_frame(predictor, tmp_path):
 # --------------------------------------------------------------------------- speed
 
 def _p50_ms(predictor, source, n=60) -> float:
-    for _ in range(10):
-        predictor.predict(source)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        predictor.predict(source)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return latency(predictor, source, n)['p50_ms']
 
 
 @pytest.fixture(scope='module')
