@@ -98,6 +98,10 @@ def test_two_epochs_lower_the_loss_and_write_everything(baseline_run):
     assert ck['config']['model']['width'] == 8 and ck['model_config']['arch'] == 'resnet18'
     assert {'optimizer', 'scaler', 'rng'} <= set(ck)
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in ck['model'])
+    best = torch.load(out / 'best.pt', map_location='cpu', weights_only=True)
+    assert best['metrics']['test_top1'] == s['best_top1'] and best['epoch'] == s['best_epoch']
+    e1 = torch.load(out / 'epoch_001.pt', map_location='cpu', weights_only=True)
+    assert e1['epoch'] == 1 and e1['step'] == 8  # a separate file, not a link to the last one
 
 
 def test_resume_after_epoch_1_reproduces_final_weights(baseline_run, synthetic_betons, tmp_path):
