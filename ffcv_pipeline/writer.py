@@ -197,12 +197,13 @@ def _manifest(data: Cifar100, files: dict[str, Path], seconds: float) -> dict:
     splits = {}
     for name, path in files.items():
         split = getattr(data, name)
+        per_class = np.bincount(split.fine, minlength=100)
         splits[name] = {
             'file': path.name,
             'count': len(split),
             'bytes': path.stat().st_size,
-            'per_class_min': int(np.bincount(split.fine, minlength=100).min()),
-            'per_class_max': int(np.bincount(split.fine, minlength=100).max()),
+            'per_class_min': int(per_class.min()),
+            'per_class_max': int(per_class.max()),
         }
     return {
         'format_version': FORMAT_VERSION,

@@ -38,14 +38,18 @@ def read_jsonl(path: Path) -> list[dict]:
 def truncate_jsonl(path: Path, last_epoch: int) -> None:
     """Keep records of epochs <= last_epoch (a resumed run rewrites what follows)."""
     records = [r for r in read_jsonl(path) if r.get('epoch', 0) <= last_epoch]
-    write_json_atomic(path, None, text=''.join(json.dumps(r) + '\n' for r in records))
+    write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
 
 
-def write_json_atomic(path: Path, obj, text: str | None = None) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text if text is not None else json.dumps(obj, indent=2) + '\n')
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
 
 
 def time_to_target(records: list[dict], target: float) -> tuple[float | None, int | None]:
