@@ -143,6 +143,10 @@ def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_
                     distributed=distributed, seed=seed,
                     indices=None if indices is None else np.asarray(indices),
                     pipelines={**pipelines, 'coarse_label': None}, batches_ahead=batches_ahead)
+    n = loader.reader.num_samples
+    if indices is not None and len(loader.indices) and not 0 <= loader.indices.min() <= loader.indices.max() < n:
+        # FFCV does not check: it would read out of bounds (a segfault, not an error)
+        raise ValueError(f'{path}: sample indices must lie in [0, {n - 1}]')
     if type(loader.traversal_order) is QuasiRandom:
         # Loader's `order=` cannot take a custom class (its isinstance check rejects classes,
         # and instances are not callable); swap the order object after construction.

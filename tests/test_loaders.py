@@ -144,3 +144,11 @@ def test_a_last_batch_of_one_keeps_its_shape(synthetic_betons):
                      pipelines=test_pipeline(device=CPU, dtype=torch.float32))
     shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in ld.epoch(0)]
     assert shapes == [((199, 3, 32, 32), (199,)), ((1, 3, 32, 32), (1,))]
+
+
+def test_indices_past_the_end_are_an_error_not_a_segfault(synthetic_betons):
+    from ffcv_pipeline.loaders import make_loader, test_pipeline
+    with pytest.raises(ValueError, match=r'indices must lie in \[0, 399\]'):
+        make_loader(synthetic_betons / BETON_NAMES['train'], batch_size=100, num_workers=1,
+                    order='sequential', os_cache=True, drop_last=False, indices=np.arange(512),
+                    pipelines=test_pipeline(device=CPU, dtype=torch.float32))

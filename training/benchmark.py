@@ -167,8 +167,10 @@ def read_beton_arrays(path: Path, n: int = 0) -> tuple[np.ndarray, np.ndarray]:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    from training.trainer import beton_labels
+    # an index past the end would make FFCV read out of bounds (a segfault, not an error)
     ld = Loader(str(path), batch_size=1000, num_workers=os.cpu_count(), order=OrderOption.SEQUENTIAL,
-                drop_last=False, indices=None if not n else np.arange(n),
+                drop_last=False, indices=_subset(len(beton_labels(path)), n),
                 pipelines={'image': [SimpleRGBImageDecoder()], 'label': [IntDecoder()], 'coarse_label': None})
     xs, ys = zip(*[(np.array(x), np.array(y).ravel()) for x, y in ld])
     return np.concatenate(xs), np.concatenate(ys)
