@@ -4,7 +4,8 @@
 #   1. system packages ffcv's C++ helper builds against (pkg-config, OpenCV, libjpeg-turbo),
 #   2. a virtual environment in $VENV (default .venv) with the pinned packages,
 #   3. ffcv==1.0.2 *without* its own requirements (they pull opencv-python, which clashes
-#      with opencv-python-headless) and without build isolation (it builds against our numpy).
+#      with opencv-python-headless) and without build isolation (it builds against our numpy),
+#   4. this project itself, editable (`pip install -e .`): its packages import from anywhere.
 #
 # A second run checks a stamp (hash of the pins + this script) and an import smoke test,
 # and does nothing more when both hold.
@@ -73,13 +74,14 @@ if [ "${WITH_BROWSER:-0}" = "1" ] && ! { command -v chromium >/dev/null 2>&1 && 
 fi
 
 # --- 2. virtual environment ---------------------------------------------------------------
-stamp_value=$(cat requirements.txt requirements-dev.txt scripts/setup.sh | sha256sum | cut -c1-16)
+stamp_value=$(cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp_file="$VENV/.setup-stamp"
-smoke='import torch, torchvision, numpy, numba, cv2, ffcv, ffcv.loader, omegaconf, gradio, PIL, matplotlib'
+smoke='import torch, torchvision, numpy, numba, cv2, ffcv, ffcv.loader, omegaconf, gradio, PIL, matplotlib, training, model, app, ffcv_pipeline'
 # the quick check (every run): all packages present; the full import (seconds) only after installing
-present='import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ("torch", "torchvision", "numpy", "numba", "cv2", "ffcv", "omegaconf", "gradio", "PIL", "matplotlib", "pytest")) else 1)'
+# (and this checkout's own packages, installed editable from *this* folder, not a moved copy)
+present='import importlib.util as u, os, sys; sys.exit(0 if all(u.find_spec(m) for m in ("torch", "torchvision", "numpy", "numba", "cv2", "ffcv", "omegaconf", "gradio", "PIL", "matplotlib", "pytest")) and os.path.dirname(os.path.dirname(u.find_spec("training").origin)) == os.getcwd() else 1)'
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp_value" ] \
-   && "$VENV/bin/python" -c "$present" 2>/dev/null; then
+   && "$VENV/bin/python" -I -c "$present" 2>/dev/null; then
     say "already set up ($VENV); nothing to do"
     exit 0
 fi
@@ -98,6 +100,8 @@ say "installing pinned packages (torch is a large download on a fresh machine)"
 "${PIP[@]}" install -q -r requirements.txt -r requirements-dev.txt
 say "installing $FFCV_PIN (no deps, no build isolation)"
 "${PIP[@]}" install -q --no-deps --no-build-isolation "$FFCV_PIN"
+say "installing this project (editable: pip install -e .)"
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "$smoke" || die "import check failed after installation (see above)"
 echo "$stamp_value" > "$stamp_file"
 say "done: $("$VENV/bin/python" -c 'import torch; from importlib.metadata import version; print("torch", torch.__version__, "ffcv", version("ffcv"))')"
