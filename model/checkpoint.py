@@ -22,16 +22,17 @@ Inference (``app/``, ``scripts/predict.py``) needs only torch and this module: n
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write
 from .resnet import ARCHS, build_model
 
 FORMAT = 'cifar100-ffcv-checkpoint'
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
+RUNS_DIR = 'runs'  # run folders: <repository>/runs/<name>/ (training's output.dir default)
 
 
 class CheckpointError(ValueError):
@@ -39,21 +40,16 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never
-    see a half-written checkpoint, and a crash mid-write keeps the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` atomically (see :func:`model.fileio.atomic_write`): readers never see a
+    half-written checkpoint, a crash or a full disk mid-write keeps the previous one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def latest_run_checkpoint(root: str | os.PathLike, name: str = 'best.pt') -> Path | None:
+    """The most recently modified ``<root>/runs/*/<name>`` (where ``scripts/train.py`` writes
+    by default: ``output.dir`` = :data:`RUNS_DIR`), or None."""
+    found = [p for p in Path(root).glob(f'{RUNS_DIR}/*/{name}') if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location='cpu') -> dict:
