@@ -1,11 +1,35 @@
-"""Data side of the project: CIFAR-100 archives -> FFCV ``.beton`` files -> FFCV loaders.
+"""Data side of the project: CIFAR-100 archives -> FFCV ``.beton`` files (and uint8 arrays) ->
+loaders (FFCV, or a torch DataLoader where ffcv is missing).
 
-Importing this package is cheap and does not import ffcv, numba or OpenCV (the Gradio app
-reads the constants from here). The ffcv-dependent parts live in ``writer``, ``ops`` and
-``loaders`` and are imported explicitly.
+Importing this package is cheap and does not import ffcv, numba or OpenCV (the Gradio app and
+the ffcv-free loader read from here). The ffcv-dependent parts live in ``writer`` (``.beton``
+part), ``beton``, ``ops`` and ``loaders`` and are imported explicitly.
 """
 from .constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                         FINE_LABEL_NAMES, FINE_TO_COARSE)
 
 __all__ = ['CIFAR100_MEAN', 'CIFAR100_STD', 'FINE_LABEL_NAMES', 'COARSE_LABEL_NAMES',
-           'FINE_TO_COARSE']
+           'FINE_TO_COARSE', 'ffcv_import_error', 'ffcv_version']
+
+
+def ffcv_import_error() -> str | None:
+    """None if ffcv (and its compiled helper, numba, OpenCV) imports here, else why not."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception as e:  # ImportError, or a broken build's OSError/AttributeError
+        return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    return None
+
+
+def ffcv_version() -> str:
+    """ffcv's version from its package metadata, else ``ffcv.__version__``, else 'unknown'
+    (a copied-in ffcv, as on the offline GPU host's kit, may lack the metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('ffcv')
+    except PackageNotFoundError:
+        try:
+            import ffcv
+        except Exception:
+            return 'not installed'
+        return str(getattr(ffcv, '__version__', 'unknown'))

@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write
-from .resnet import ARCHS, build_model
+from .resnet import ARCHS, INPUT_SIZE, build_model
 
 FORMAT = 'cifar100-ffcv-checkpoint'
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
-RUNS_DIR = 'runs'  # run folders: <repository>/runs/<name>/ (training's output.dir default)
+# The repository root (or, in a Hugging Face Space, the folder that holds model/); run folders
+# live in <root>/runs/<name>/ (training's output.dir default).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUNS_DIR = 'runs'
 
 
 class CheckpointError(ValueError):
@@ -115,7 +118,7 @@ def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, 
         'fine_to_coarse': [int(c) for c in fine_to_coarse],
         'normalization': {'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
                           'scale': 255},
-        'image_size': 32, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
+        'image_size': INPUT_SIZE, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
         'metrics': dict(metrics or {}),
         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'torch_version': str(torch.__version__), **extra,

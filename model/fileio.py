@@ -22,16 +22,18 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 class DiskFullError(OSError):
     """Writing ``path`` failed because the disk (or quota) is full; ``str()`` is one line."""
 
-    def __init__(self, path: str | os.PathLike, cause: OSError | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, cause: OSError | None = None,
+                 hint: str = 'free some space and run again'):
+        self.path, self.cause = Path(path), cause
+        why = os.strerror(cause.errno) if cause is not None and cause.errno else 'No space left on device'
         try:
-            free = shutil.disk_usage(self.path.parent).free
-            where = f' ({free / 2**20:,.0f} MiB free on {self.path.parent})'
+            why += f'; {shutil.disk_usage(self.path.parent).free / 2**20:,.1f} MiB free on {self.path.parent}'
         except OSError:
-            where = ''
-        why = os.strerror(cause.errno) if cause is not None and cause.errno else 'no space left'
-        super().__init__(errno.ENOSPC, f'{self.path}: the disk is full ({why}){where}; '
-                                       f'free some space and run again')
+            pass
+        super().__init__(errno.ENOSPC, f'{self.path}: the disk is full ({why}); {hint}')
+
+    def with_hint(self, hint: str) -> 'DiskFullError':
+        return DiskFullError(self.path, self.cause, hint)
 
     def __str__(self) -> str:
         return self.strerror
@@ -41,16 +43,39 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and (isinstance(e, DiskFullError) or e.errno in DISK_FULL_ERRNOS)
 
 
+class _WatchedFile:
+    """A binary file that remembers the OSError its ``write`` raised: ``torch.save`` reports a
+    full disk as a bare ``RuntimeError`` ("unexpected pos ..."), losing the errno."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, tell, seek, fileno, ...
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it to
     ``path`` (permissions as for a new file). On any failure the temporary file is removed
     and ``path`` keeps its previous content; a full disk raises :class:`DiskFullError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e:
+        raise (DiskFullError(path, e) if is_disk_full(e) else e) from None
+    watched = None
     try:
         with os.fdopen(fd, 'wb') as f:
-            write(f)
+            watched = _WatchedFile(f)
+            write(watched)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -59,8 +84,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(e) and not isinstance(e, DiskFullError):
-            raise DiskFullError(path, e) from None
+        cause = watched.error if watched is not None and watched.error is not None else e
+        if is_disk_full(cause) and not isinstance(e, DiskFullError):
+            raise DiskFullError(path, cause) from None
         raise
 
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+INPUT_SIZE = 32  # pixels per side: CIFAR's images, and the only size the stem is meant for
+
 
 class BasicBlock(nn.Module):
     expansion = 1

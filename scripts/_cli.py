@@ -4,10 +4,11 @@
 disk) into one clear ``error: ...`` line on stderr and exit code 2, and Ctrl-C into exit code
 130, instead of a traceback.
 
-The project's packages are installed by ``scripts/setup.sh`` (``pip install -e .``). A checkout
-run without that install (the offline GPU host's runbook runs ``python3 scripts/train.py`` with
-only ``PYTHONPATH`` set for ffcv) still works: the checkout's root is then added to the path,
-here and nowhere else.
+The project's packages are installed by ``scripts/setup.sh`` (``pip install -e .``). A script
+always runs the code of the checkout it belongs to: where the packages are not installed (the
+offline GPU host's runbook runs ``python3 scripts/train.py`` with only ``PYTHONPATH`` set for
+ffcv) or installed from another checkout sharing the environment, this checkout's root goes
+first on the path -- here, and nowhere else.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec('training') is None:  # not installed: run from the checkout
+_spec = importlib.util.find_spec('training')
+if _spec is None or Path(_spec.origin).resolve().parents[1] != ROOT:
     sys.path.insert(0, str(ROOT))
 
 from model.fileio import DiskFullError  # noqa: E402
@@ -25,13 +27,18 @@ from model.fileio import DiskFullError  # noqa: E402
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, DiskFullError)
 
 
-def run(main) -> None:
+def call(main, argv: list[str] | None = None) -> int:
+    """``main(argv)``'s exit code, with user errors printed as one line (tests call this
+    in-process; ``argv=None`` reads the command line)."""
     try:
-        code = main()
+        return main(argv) or 0
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
-        code = 130
-    sys.exit(code or 0)
+        return 130
+
+
+def run(main) -> None:
+    sys.exit(call(main))

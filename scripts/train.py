@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 8 scripts/train.py --config rn18.yaml # DDP, FFCV distributed loading
 
 Writes runs/<config>-<time>/: config.yaml, metrics.jsonl (one line per epoch), last.pt,
-best.pt, summary.json (incl. time to 73% top-1) and curves.png. Ctrl-C saves interrupted.pt.
+best.pt, summary.json (incl. time to 73% top-1) and curves.png. Ctrl-C or SIGTERM saves
+interrupted.pt (exit code 130); a NaN loss stops with exit code 3; bad input exits with 2.
 """
 import argparse
 import os
@@ -15,14 +16,14 @@ import sys
 from _cli import run
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description='Train on the CIFAR-100 .beton files; extra --section.key VALUE arguments '
                     'override the config (e.g. --training.epochs 2 --training.device cpu).',
         epilog=__doc__.split('\n\n')[1])
     p.add_argument('--config', help='config file or bare name in configs/ (e.g. rn18.yaml)')
     p.add_argument('--resume', metavar='CKPT', help='continue a run from its last.pt / interrupted.pt')
-    args, rest = p.parse_known_args()
+    args, rest = p.parse_known_args(argv)
     if not args.config and not args.resume:
         p.error('give --config NAME (e.g. --config rn18.yaml) or --resume CKPT')
 

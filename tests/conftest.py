@@ -1,7 +1,10 @@
 """Shared fixtures: synthetic CIFAR-100 archives in the official layout, small .beton files,
-the real archive from ../shared/data when present (tests that need it skip otherwise)."""
+the real archive from ../shared/data when present (tests that need it skip otherwise), tiny
+training runs, and the scripts' ``main`` functions for in-process command-line tests."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
 import os
 import pickle
@@ -12,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from ffcv_pipeline.constants import BETON_NAMES, COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
+from model.checkpoint import PROJECT_ROOT as ROOT
+
 PY = sys.executable
 REAL_ARCHIVE = Path(os.environ.get('CIFAR100_ARCHIVE',
                                    ROOT.parent / 'shared' / 'data' / 'cifar-100-python.tar.gz'))
-from ffcv_pipeline.constants import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE  # noqa: E402
 
 
 def make_split(n_per_class: int, seed: int, classes: int = 100) -> dict:
@@ -114,3 +119,65 @@ def real_betons(tmp_path_factory):
     out = tmp_path_factory.mktemp('real_betons')
     result = write_datasets(REAL_ARCHIVE, out, progress=False, log=lambda *_: None)
     return out, result
+
+
+# --- tiny training runs ---------------------------------------------------------------------------
+def tiny(betons: Path, out: Path, **extra) -> list[str]:
+    """Overrides for a fast CPU run: 400 images, batch 50 -> 8 steps per epoch, width 8."""
+    o = {'data.train_path': betons / BETON_NAMES['train'], 'data.test_path': betons / BETON_NAMES['test'],
+         'data.batch_size': 50, 'data.test_batch_size': 100, 'data.num_workers': 2,
+         'model.width': 8, 'training.epochs': 2, 'training.lr': 0.2, 'training.warmup_epochs': 0.5,
+         'training.device': 'cpu', 'output.dir': out.parent, 'output.name': out.name,
+         'output.progress': 'off', **extra}
+    return [f'{k}={v}' for k, v in o.items()]
+
+
+def as_cli(overrides: list[str]) -> list[str]:
+    return [f'--{o}' for o in overrides]
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+def same_weights(a: Path | dict, b: Path | dict) -> bool:
+    wa, wb = (weights(x) if isinstance(x, Path) else x for x in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --- scripts in-process ------------------------------------------------------------------------------
+def script(name: str):
+    """``scripts/<name>.py`` as a module (its ``main(argv)``), without touching sys.path: the
+    scripts import their sibling ``_cli``, registered here the same way."""
+    def load(mod_name: str, path: Path):
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    if '_cli' not in sys.modules:
+        load('_cli', ROOT / 'scripts' / '_cli.py')
+    return sys.modules.get(f'script_{name}') or load(f'script_{name}', ROOT / 'scripts' / f'{name}.py')
+
+
+def run_main(name: str, *args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python scripts/<name>.py ARGS``, run in this process."""
+    mod, out, err = script(name), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = sys.modules['_cli'].call(mod.main, [str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MB tmpfs (root only; skipped elsewhere): a real full disk, not a mock."""
+    mnt = tmp_path / 'disk'
+    mnt.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2500k', 'tmpfs', str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({r.stderr.decode().strip()})')
+    yield mnt
+    subprocess.run(['umount', '-l', str(mnt)], capture_output=True)

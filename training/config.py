@@ -15,7 +15,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-ROOT = Path(__file__).resolve().parents[1]
+from model.checkpoint import PROJECT_ROOT as ROOT, RUNS_DIR
+from model.resnet import INPUT_SIZE
+
 CONFIG_DIR = ROOT / 'configs'
 
 
@@ -29,8 +31,9 @@ class DataConfig:
     test_path: str = 'data_beton/cifar100_test.beton'
     batch_size: int = 512  # per process (per GPU under torchrun)
     test_batch_size: int = 1024
-    num_workers: int = -1  # FFCV JIT threads (also torch CPU threads); -1 = all cores / processes per node
-    order: str = 'quasi_random'  # quasi_random | random | sequential; random when distributed
+    num_workers: int = -1  # FFCV JIT threads; -1 = all usable cores / processes per node
+    loader: str = 'auto'  # ffcv | torchvision (a torch DataLoader, no ffcv needed) | auto: ffcv where it imports
+    order: str = 'quasi_random'  # ffcv loader: quasi_random | random | sequential; random when distributed
     os_cache: bool = True  # let the OS page cache hold the .beton (fits in RAM: 170 MB)
     batches_ahead: int = 3
     train_per_class: int = 0  # use only the first N training images of each class (0 = all)
@@ -49,7 +52,7 @@ class ModelConfig:
     arch: str = 'resnet18'
     num_classes: int = 100
     width: int = 64
-    channels_last: bool = True
+    channels_last: Optional[bool] = None  # NHWC memory format; null = auto: on, except on MPS
 
 
 @dataclass
@@ -57,16 +60,17 @@ class TrainingConfig:
     epochs: int = 30
     lr: float = 0.4  # peak learning rate for the configured batch size (no implicit scaling)
     lr_schedule: str = 'linear'  # decay after warm-up: linear | cosine (to zero)
-    warmup_epochs: float = 2.0  # linear warm-up from 0 to `lr`, per iteration
+    warmup_epochs: float = 3.0  # linear warm-up from 0 to `lr`, per iteration
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4  # on conv/linear weights only (p.dim() >= 2)
     label_smoothing: float = 0.1
-    precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp32 on CPU)
+    precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp16 on MPS; fp32 on CPU)
     compile: bool = False  # torch.compile the model (pays compile time up front)
     grad_clip: float = 0.0  # max grad norm; 0 = off
     seed: int = 0  # weights, data order and augmentation
-    device: str = 'auto'  # auto | cuda | cuda:N | cpu
+    deterministic: bool = False  # cuDNN deterministic algorithms, no autotuning: bit-exact GPU resumes, slower
+    device: str = 'auto'  # auto (CUDA, else MPS, else CPU) | cuda | cuda:N | mps | cpu
     target_top1: float = 0.73  # the summary reports when test top-1 first reached this
     tta: bool = True  # evaluate with horizontal-flip test-time augmentation
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
@@ -74,7 +78,7 @@ class TrainingConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = 'runs'  # run folders go to <dir>/<name>
+    dir: str = RUNS_DIR  # run folders go to <dir>/<name> (relative: to the repository root)
     name: str = ''  # default: <config name>-<YYYYmmdd-HHMMSS>
     save_every: int = 0  # also keep epoch_NNN.pt every N epochs; 0 = only last.pt and best.pt
     progress: Optional[bool] = None  # progress bar: null = only on a terminal, true/on, false/off
@@ -91,6 +95,7 @@ class Config:
 
 
 CHOICES = {
+    'data.loader': ('auto', 'ffcv', 'torchvision'),
     'data.order': ('quasi_random', 'random', 'sequential'),
     'training.lr_schedule': ('linear', 'cosine'),
     'training.precision': ('auto', 'bf16', 'fp16', 'fp32'),
@@ -161,11 +166,11 @@ def validate(cfg) -> None:
     if cfg.training.warmup_epochs > cfg.training.epochs:
         raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
                           f'training.epochs {cfg.training.epochs}')
-    if cfg.augment.cutout > 32:
-        raise ConfigError(f'augment.cutout: must lie in [0, 32], got {cfg.augment.cutout}')
+    if cfg.augment.cutout > INPUT_SIZE:
+        raise ConfigError(f'augment.cutout: must lie in [0, {INPUT_SIZE}], got {cfg.augment.cutout}')
     dev = cfg.training.device
-    if not (dev in ('auto', 'cpu', 'cuda') or (dev.startswith('cuda:') and dev[5:].isdigit())):
-        raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+    if not (dev in ('auto', 'cpu', 'cuda', 'mps') or (dev.startswith('cuda:') and dev[5:].isdigit())):
+        raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
     from model import ARCHS
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f'model.arch: {cfg.model.arch!r} is not one of {sorted(ARCHS)}')

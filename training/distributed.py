@@ -46,16 +46,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place; a no-op when not distributed)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     """Copy ``src``'s buffers (BatchNorm running statistics) to every rank (no-op alone)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         for b in model.buffers():
             dist.broadcast(b, src)
 
@@ -64,3 +68,4 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank (stop together on NaN or Ctrl-C)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(t).item() > 0)
+

@@ -12,15 +12,10 @@ compilation included), so ``time_to_target_s`` in the summary is a true time-to-
 from __future__ import annotations
 
 import json
-import os
+import statistics
 from pathlib import Path
 
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+from model.fileio import atomic_write, atomic_write_text
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -35,21 +30,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def truncate_jsonl(path: Path, last_epoch: int) -> None:
-    """Keep records of epochs <= last_epoch (a resumed run rewrites what follows)."""
-    records = [r for r in read_jsonl(path) if r.get('epoch', 0) <= last_epoch]
-    write_text_atomic(path, ''.join(json.dumps(r) + '\n' for r in records))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
 def time_to_target(records: list[dict], target: float) -> tuple[float | None, int | None]:
@@ -60,28 +42,59 @@ def time_to_target(records: list[dict], target: float) -> tuple[float | None, in
     return None, None
 
 
-def plot_curves(records: list[dict], path: Path, title: str = '') -> None:
-    """Loss, accuracy and learning rate per epoch; written atomically as a PNG."""
+def median_images_per_s(records: list[dict]) -> float | None:
+    """Median training images/s over the epochs after the first (the first one carries cuDNN
+    autotuning and allocator warm-up); the first epoch's when it is the only one."""
+    rates = [r['train_images_per_s'] for r in (records[1:] or records)]
+    return statistics.median(rates) if rates else None
+
+
+def summarize(records: list[dict], *, target: float, **extra) -> dict:
+    """The run summary from its per-epoch records; ``extra`` adds run facts (device, ...)."""
+    tt, te = time_to_target(records, target)
+    evals = [r for r in records if r.get('test_top1') is not None]
+    best = max(evals, key=lambda r: r['test_top1']) if evals else None
+    return {
+        'best_top1': best and best['test_top1'], 'best_epoch': best and best['epoch'],
+        'final_top1': evals[-1]['test_top1'] if evals else None,
+        'final_top5': evals[-1]['test_top5'] if evals else None,
+        'target_top1': target, 'time_to_target_s': tt, 'epoch_reached_target': te,
+        'train_seconds': round(sum(r['epoch_seconds'] for r in records), 3),
+        'eval_seconds': round(sum(r['eval_seconds'] for r in records), 3),
+        'median_train_images_per_s': median_images_per_s(records),
+        **extra,
+    }
+
+
+def plot_curves(records: list[dict], path: Path, *, title: str = '', target: float | None = None) -> None:
+    """Loss; accuracy per epoch; test top-1 against wall-clock seconds (the mission is
+    wall-clock, not epochs) with the target line; images/s. Written atomically as a PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     ep = [r['epoch'] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ev = [r for r in records if r.get('test_top1') is not None]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     axes[0].plot(ep, [r['train_loss'] for r in records], 'o-', label='train loss')
     axes[0].set_xlabel('epoch'), axes[0].set_ylabel('loss'), axes[0].legend()
-    ev = [r for r in records if r.get('test_top1') is not None]
     axes[1].plot(ep, [r['train_acc'] for r in records], 'o-', label='train top-1 (augmented)')
     axes[1].plot([r['epoch'] for r in ev], [r['test_top1'] for r in ev], 'o-', label='test top-1')
     axes[1].plot([r['epoch'] for r in ev], [r['test_top5'] for r in ev], 'o-', label='test top-5')
-    axes[1].set_xlabel('epoch'), axes[1].set_ylabel('accuracy'), axes[1].legend()
-    axes[1].set_ylim(0, 1), axes[1].grid(alpha=0.3)
-    axes[2].plot(ep, [r['train_images_per_s'] for r in records], 'o-', color='C2')
-    axes[2].set_xlabel('epoch'), axes[2].set_ylabel('training images/s')
+    axes[1].set_xlabel('epoch'), axes[1].set_ylabel('accuracy')
+    axes[2].plot([r['wallclock_s'] for r in ev], [r['test_top1'] for r in ev], 'o-', color='C1',
+                 label='test top-1')
+    axes[2].set_xlabel('wall-clock seconds (set-up and JIT included)'), axes[2].set_ylabel('test top-1')
+    for ax in axes[1:3]:
+        if target is not None:
+            ax.axhline(target, color='k', ls='--', lw=1, label=f'target {target:.0%}')
+        ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
+    axes[3].plot(ep, [r['train_images_per_s'] for r in records], 'o-', color='C2')
+    axes[3].set_xlabel('epoch'), axes[3].set_ylabel('training images/s')
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = Path(path).with_name(f'.{Path(path).name}.tmp-{os.getpid()}.png')
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,89 @@
+"""Check a ``.beton`` file before ffcv reads it.
+
+ffcv trusts its input: a truncated, empty, foreign or differently laid-out file ends in an
+``AssertionError``, an ``IndexError`` deep inside its reader, or a segfault in a loader thread.
+:func:`check_beton` reads the header, the field descriptors and the allocation table with numpy
+and raises :class:`~ffcv_pipeline.archive.DatasetError` -- one line naming the file, what is
+wrong and how to fix it -- for anything the loaders could not read safely. It also checks the
+sample count and byte size against ``manifest.json`` when the converter's manifest is at hand.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .archive import DatasetError
+from .constants import IMAGE_SHAPE
+
+FIX = 'rewrite it with `python scripts/write_datasets.py --force`'
+# name -> ffcv type id (ffcv.types.TYPE_ID_HANDLER): what scripts/write_datasets.py writes
+EXPECTED_FIELDS = {'image': 2, 'label': 1}  # RGBImageField, IntField
+OPTIONAL_FIELDS = {'coarse_label': 1}
+MAX_FIELDS = 64
+
+
+def _fail(path: Path, what: str) -> DatasetError:
+    return DatasetError(f'{path}: {what}; {FIX}')
+
+
+def check_beton(path: str | os.PathLike, *, expected: dict | None = None) -> int:
+    """Raise :class:`DatasetError` unless ``path`` is a complete CIFAR ``.beton`` as
+    ``write_datasets.py`` writes it; returns its sample count. ``expected``: the manifest's
+    entry for this split (``{'count': ..., 'bytes': ...}``), checked when given."""
+    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType,
+                            get_handlers, get_metadata_type)
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f'{path}: no such .beton file; run `python scripts/write_datasets.py` '
+                           f'first (or set data.train_path / data.test_path)')
+    size = path.stat().st_size
+    if size == 0:
+        raise _fail(path, 'the file is empty')
+    if size < HeaderType.itemsize:
+        raise _fail(path, f'not a .beton file ({size} bytes, shorter than its header)')
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header['version'] != CURRENT_VERSION or not 0 < header['num_fields'] <= MAX_FIELDS:
+        raise _fail(path, f'not an FFCV .beton file, or a corrupt one (header: format version '
+                          f'{header["version"]}, {header["num_fields"]} fields; expected version '
+                          f'{CURRENT_VERSION})')
+    n, nf, table_at = int(header['num_samples']), int(header['num_fields']), int(header['alloc_table_ptr'])
+    desc_end = HeaderType.itemsize + nf * FieldDescType.itemsize
+    if desc_end > size:
+        raise _fail(path, f'truncated ({size:,} bytes; its header alone needs {desc_end:,})')
+    descs = np.fromfile(path, dtype=FieldDescType, count=nf, offset=HeaderType.itemsize)
+    names = [bytes(d['name']).split(b'\0', 1)[0].decode('latin1') for d in descs]
+    fields = dict(zip(names, (int(d['type_id']) for d in descs)))
+    wanted = {**EXPECTED_FIELDS, **{k: v for k, v in OPTIONAL_FIELDS.items() if k in fields}}
+    if fields != wanted:
+        raise _fail(path, f'written with other fields ({_describe(fields)}; expected '
+                          f'{_describe({**EXPECTED_FIELDS, **OPTIONAL_FIELDS})})')
+    meta_type = get_metadata_type(get_handlers(descs))
+    meta_end = desc_end + n * meta_type.itemsize
+    if not meta_end <= table_at <= size:
+        raise _fail(path, f'truncated or corrupt ({size:,} bytes; its header places the '
+                          f'allocation table at byte {table_at:,} after {n:,} samples of metadata '
+                          f'ending at {meta_end:,})')
+    if (size - table_at) % ALLOC_TABLE_TYPE.itemsize or (size - table_at) // ALLOC_TABLE_TYPE.itemsize != n:
+        raise _fail(path, f'truncated or corrupt ({size:,} bytes: its allocation table holds '
+                          f'{(size - table_at) / ALLOC_TABLE_TYPE.itemsize:,.1f} entries for {n:,} images)')
+    table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table_at)
+    image = np.fromfile(path, dtype=meta_type, count=n, offset=desc_end)[f'f{names.index("image")}']
+    h, w, c = IMAGE_SHAPE
+    if n and (np.any(image['height'] != h) or np.any(image['width'] != w)
+              or np.any(table['ptr'] + table['size'] > table_at) or np.any(table['sample_id'] >= n)
+              or np.any(image['data_ptr'] + h * w * c > table_at)):
+        raise _fail(path, f'corrupt: image records point outside the file or are not {h}x{w} pixels')
+    if expected:
+        if expected.get('count') is not None and n != expected['count']:
+            raise _fail(path, f'holds {n:,} images but manifest.json records {expected["count"]:,}')
+        if expected.get('bytes') is not None and size != expected['bytes']:
+            raise _fail(path, f'is {size:,} bytes but manifest.json records {expected["bytes"]:,} '
+                              f'(modified or cut short since it was written?)')
+    return n
+
+
+def _describe(fields: dict) -> str:
+    kinds = {1: 'int', 2: 'image'}
+    return ', '.join(f'{k} ({kinds.get(v, f"type {v}")})' for k, v in fields.items()) or 'none'
