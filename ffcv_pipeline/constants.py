@@ -3,7 +3,9 @@
 Mean/std are per RGB channel on the 0-255 scale (the usual CIFAR-100 training-set statistics),
 so the loaders normalize uint8 pixels directly: ``(x - mean) / std``.
 """
-IMAGE_SHAPE = (32, 32, 3)  # H, W, C as stored in the .beton files (uint8, RGB)
+from model.resnet import INPUT_SIZE
+
+IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)  # H, W, C as stored in the .beton files (uint8, RGB)
 NUM_FINE = 100
 NUM_COARSE = 20
 
@@ -18,6 +20,8 @@ ARCHIVE_DIR = 'cifar-100-python'
 SPLIT_SIZES = {'train': 50_000, 'test': 10_000}
 
 BETON_NAMES = {'train': 'cifar100_train.beton', 'test': 'cifar100_test.beton'}
+# The same images as uint8 numpy arrays (the loader for hosts without ffcv reads these)
+ARRAY_NAMES = {'train': 'cifar100_train.npy', 'test': 'cifar100_test.npy'}
 MANIFEST_NAME = 'manifest.json'
 
 FINE_LABEL_NAMES = (

@@ -10,6 +10,9 @@ normalization is FFCV's numba ``NormalizeImage`` (float32 out; autocast handles 
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,52 +22,28 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 
 from .constants import CIFAR100_MEAN, CIFAR100_STD
 from .ops import AugmentationState, Cutout, RandomHorizontalFlip, RandomTranslate
+from .torch_loader import Normalize, fill_colour
 
 ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM,
           'sequential': OrderOption.SEQUENTIAL}
 
 
-class Normalize(torch.nn.Module):
-    """uint8 NCHW (any memory format) -> ``dtype``, ``(x - mean) / std``; keeps the layout."""
-
-    def __init__(self, mean=CIFAR100_MEAN, std=CIFAR100_STD, dtype=torch.float16):
-        super().__init__()
-        self.dtype = dtype
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer('inv_std', 1 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self._cache: dict = {}
-
-    def _consts(self, device):
-        key = (device, self.dtype)
-        if key not in self._cache:  # once per device, not per batch
-            self._cache[key] = (self.mean.to(device, self.dtype), self.inv_std.to(device, self.dtype))
-        return self._cache[key]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, inv_std = self._consts(x.device)
-        return x.to(self.dtype).sub_(mean).mul_(inv_std)
-
-
-def _fill(mean) -> tuple[int, int, int]:
-    # Padding/cutout fill the mean colour: zero after normalization, as in FFCV's CIFAR example.
-    return tuple(int(round(m)) for m in mean)
-
-
-def _tail(device: torch.device, dtype: torch.dtype, mean, std, non_blocking: bool = True) -> list:
+def _tail(device: torch.device, dtype: torch.dtype, mean, std, channels_last: bool) -> list:
     if device.type == 'cpu':
         # On the CPU the "device" is the CPU: FFCV's numba NormalizeImage writes normalized
         # float32 NHWC in one pass (a per-channel lookup table), 2.6x faster than the same
         # maths in torch ops (docs/BENCHMARKS.md). Autocast (bf16) takes float32 inputs.
         return [NormalizeImage(np.asarray(mean), np.asarray(std), np.float32), ToTensor(),
-                ToTorchImage(channels_last=True)]
+                ToTorchImage(channels_last=channels_last)]
     # On a GPU, ship uint8 (4x fewer bytes than float32) and normalize there.
-    return [ToTensor(), ToDevice(device, non_blocking=non_blocking),
-            ToTorchImage(channels_last=True), Normalize(mean, std, dtype)]
+    return [ToTensor(), ToDevice(device, non_blocking=True),
+            ToTorchImage(channels_last=channels_last), Normalize(mean, std, dtype)]
 
 
 def label_pipeline(*, device: torch.device) -> list:
@@ -75,9 +54,10 @@ def label_pipeline(*, device: torch.device) -> list:
 
 
 def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
-                   flip: bool = True, padding: int = 4, cutout: int = 16,
+                   flip: bool, padding: int, cutout: int, channels_last: bool = True,
                    mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
-    fill = _fill(mean)
+    """The training augmentation (settings: the config's ``augment`` section, one source)."""
+    fill = fill_colour(mean)
     image = [SimpleRGBImageDecoder()]
     if flip:
         image.append(RandomHorizontalFlip(state))
@@ -85,13 +65,13 @@ def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: Augmentat
         image.append(RandomTranslate(state, padding=padding, fill=fill))
     if cutout > 0:
         image.append(Cutout(state, size=cutout, fill=fill))
-    image += _tail(device, dtype, mean, std)
+    image += _tail(device, dtype, mean, std, channels_last)
     return {'image': image, 'label': label_pipeline(device=device)}
 
 
-def test_pipeline(*, device: torch.device, dtype: torch.dtype,
+def test_pipeline(*, device: torch.device, dtype: torch.dtype, channels_last: bool = True,
                   mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
-    return {'image': [SimpleRGBImageDecoder()] + _tail(device, dtype, mean, std),
+    return {'image': [SimpleRGBImageDecoder()] + _tail(device, dtype, mean, std, channels_last),
             'label': label_pipeline(device=device)}
 
 
@@ -109,18 +89,53 @@ class StableQuasiRandom(QuasiRandom):
         return super().sample_order(epoch)
 
 
+def _run_reporting_errors(self):
+    """FFCV's loading thread dies silently on an exception, and the consumer then waits forever
+    for its next batch. Record the exception and end the epoch (the ``None`` FFCV's
+    ``__next__`` reads as the end); ``CifarLoader.epoch`` raises it."""
+    try:
+        _ffcv_run(self)
+    except BaseException as e:
+        self.error = e
+        self.output_queue.put(None)
+
+
+_ffcv_run = getattr(EpochIterator.run, 'ffcv_run', EpochIterator.run)  # idempotent on reload
+EpochIterator.run, _run_reporting_errors.ffcv_run = _run_reporting_errors, _ffcv_run
+
+
+# Test hook for the acceptance checks (scripts/check_figures.py): a sleep per training batch, so
+# that a deliberately slow loader can be shown to fail them. Unset, it costs nothing.
+DELAY_ENV = 'CIFAR_LOADER_DELAY_MS'
+
+
 @dataclass
 class CifarLoader:
     """An FFCV ``Loader`` whose order *and* augmentation are a function of the epoch number,
     so a resumed run sees exactly the batches an uninterrupted one would."""
     loader: Loader
     state: AugmentationState | None = None
+    delay_s: float = 0.0
 
     def epoch(self, epoch: int):
+        """The batches of ``epoch``. Closing the generator early (``break``, an exception) stops
+        and *joins* FFCV's loading thread, so no two loaders ever run numba code at once
+        (numba's workqueue threading layer, used where TBB is missing, aborts on that)."""
         self.loader.next_epoch = epoch
         if self.state is not None:
             self.state.set_epoch(epoch)
-        return iter(self.loader)
+        it = iter(self.loader)
+        try:
+            for batch in it:
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                yield batch
+        finally:
+            it.close()
+            if it.is_alive() and it is not threading.current_thread():
+                it.join()
+        if getattr(it, 'error', None) is not None:  # the thread died: the epoch was cut short
+            raise RuntimeError(f'FFCV loading failed: {type(it.error).__name__}: {it.error}') from it.error
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -128,6 +143,10 @@ class CifarLoader:
     @property
     def num_samples(self) -> int:
         return len(self.loader.indices)
+
+    @property
+    def indices(self) -> np.ndarray:
+        return self.loader.indices
 
 
 def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_cache: bool,
@@ -152,4 +171,5 @@ def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_
         # and instances are not callable); swap the order object after construction.
         loader.traversal_order = StableQuasiRandom(loader)
         loader.first_traversal_order = loader.next_traversal_order()
-    return CifarLoader(loader, state)
+    delay_ms = float(os.environ.get(DELAY_ENV) or 0)
+    return CifarLoader(loader, state, delay_ms / 1000 if state is not None else 0.0)

@@ -5,9 +5,8 @@ per-thread generators, which are seeded from OS entropy: the same run twice -- o
 resumed from a checkpoint -- sees different augmentations. These ops have the same semantics
 (translate = FFCV's "crop": shift by up to ``padding`` pixels, fill the uncovered border;
 cutout = a ``size`` x ``size`` square fully inside the image), but every random draw is a pure
-function of ``(seed, epoch, sample index, op)`` through a counter-based hash (splitmix64).
-So augmentations do not depend on thread count, batch size, batch order or on where a run
-was resumed, while differing from epoch to epoch and from sample to sample.
+function of ``(seed, epoch, sample index, op)``, defined once in ``augment.py``: the numpy
+``torchvision`` loader applies the very same draws, so both loaders augment identically.
 
 The seed and epoch live in a small numpy array (:class:`AugmentationState`) that the compiled
 code reads through ffcv's ``memcpy`` at the start of each batch: numba freezes captured arrays
@@ -28,29 +27,13 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-# per-op salts so flip, translate and cutout draw independent numbers for the same sample
-SALT_FLIP, SALT_TRANSLATE, SALT_CUTOUT = np.uint64(0xF11F), np.uint64(0x7A45), np.uint64(0xC07)
+from . import augment as A
 
-
-@njit(inline='always')
-def mix64(z):
-    """splitmix64 finalizer: a bijective, well-mixed hash of a uint64."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-@njit(inline='always')
-def sample_key(seed, epoch, index, salt):
-    """64 random bits for (seed, epoch, sample index, op)."""
-    return mix64(mix64(mix64(seed ^ salt) ^ epoch) ^ np.uint64(index))
-
-
-@njit(inline='always')
-def uniform_int(bits, n):
-    """An integer in [0, n) from 32 random bits (multiply-shift, no modulo bias to speak of)."""
-    return np.int64(((bits & np.uint64(0xFFFFFFFF)) * np.uint64(n)) >> np.uint64(32))
+# The hash and the draws are defined once, in augment.py (numpy); compiled here for the JIT ops.
+mix64 = njit(inline='always')(A.mix64)
+sample_key = njit(inline='always')(A.make_sample_key(mix64))
+uniform_int = njit(inline='always')(A.uniform_int)
+SALT_FLIP, SALT_TRANSLATE, SALT_CUTOUT = A.SALT_FLIP, A.SALT_TRANSLATE, A.SALT_CUTOUT
 
 
 class AugmentationState:
@@ -128,7 +111,7 @@ class RandomTranslate(_RandomOp):
     """Shift each image by (dy, dx), each uniform in [-padding, padding]; pixels shifted in
     from outside take ``fill`` (FFCV's and torchvision's pad-then-random-crop)."""
 
-    def __init__(self, state: AugmentationState, padding: int = 4, fill=(0, 0, 0)):
+    def __init__(self, state: AugmentationState, padding: int, fill=(0, 0, 0)):
         super().__init__(state)
         self.padding = int(padding)
         self.fill = np.array(fill, dtype=np.uint8)
@@ -171,7 +154,7 @@ class Cutout(_RandomOp):
     """Fill one ``size`` x ``size`` square, uniformly placed fully inside the image, with
     ``fill`` (in place). ``size=0`` disables it."""
 
-    def __init__(self, state: AugmentationState, size: int = 16, fill=(0, 0, 0)):
+    def __init__(self, state: AugmentationState, size: int, fill=(0, 0, 0)):
         super().__init__(state)
         self.size = int(size)
         self.fill = np.array(fill, dtype=np.uint8)

@@ -2,9 +2,11 @@
 
 Writes ``cifar100_train.beton`` (50,000) and ``cifar100_test.beton`` (10,000) with three
 fields -- ``image`` (raw, lossless 32x32 RGB), ``label`` (fine, 0-99) and ``coarse_label``
-(0-19) -- plus ``manifest.json``. Files are written under temporary names and renamed only
-once both splits are complete, so a failure never leaves a half-written file and never
-touches a previously complete one. A second run with the same source does nothing.
+(0-19) --, the same data as uint8 numpy arrays (``cifar100_{train,test}.npy``, read by the
+loader for hosts without ffcv; where ffcv does not import, only these are written), plus
+``manifest.json``. Files are written under temporary names and renamed only once both splits
+are complete, so a failure never leaves a half-written file and never touches a previously
+complete one. A second run with the same source does nothing.
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ from typing import Callable
 
 import numpy as np
 
-from .archive import Cifar100, DatasetError, download, read_cifar100, source_md5
-from .constants import (ARCHIVE_NAME, BETON_NAMES, CIFAR100_MD5, CIFAR100_URL,
-                        FINE_TO_COARSE, MANIFEST_NAME)
+from model.fileio import atomic_write_text, is_disk_full
 
-FORMAT_VERSION = 1  # bump when the field layout changes; old outputs are then rewritten
+from .archive import Cifar100, DatasetError, download, read_cifar100, source_md5
+from . import ffcv_import_error, ffcv_version
+from .constants import (ARCHIVE_NAME, ARRAY_NAMES, BETON_NAMES, CIFAR100_MD5, CIFAR100_URL,
+                        FINE_TO_COARSE, IMAGE_SHAPE, MANIFEST_NAME)
+
+FORMAT_VERSION = 2  # bump when the outputs change (2: + .npy arrays); old outputs are then rewritten
 FIELDS = {  # name -> description, recorded in the manifest
     'image': 'RGBImageField(write_mode=raw), 32x32x3 uint8',
     'label': 'IntField, fine label 0-99',
@@ -64,18 +69,28 @@ def _ffcv_fields():
 
 class _WorkerWatchdog:
     """ffcv's writer waits forever for its counter (or its allocation queue) when a worker
-    process dies (disk full, killed). This thread notices a child that exited with an error and
-    sends the main thread a real SIGINT (which also breaks a blocking wait, unlike
+    process dies (disk full: a SIGBUS on its memory-mapped output; killed). This thread watches
+    the writer's processes (recorded as ffcv starts them: ``multiprocessing.active_children``
+    would reap a dead one before we saw its exit code) and, when one exits with an error, sends
+    the main thread a real SIGINT (which also breaks a blocking wait, unlike
     ``_thread.interrupt_main``); that turns into a clear error instead of a hang."""
 
     def __init__(self):
         self.failed: int | None = None
+        self.processes: list = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        watchdog = self
+
+        class Recorded(multiprocessing.Process):
+            def start(self):
+                watchdog.processes.append(self)
+                super().start()
+        self.process_class = Recorded
 
     def _run(self):
-        while not self._stop.wait(0.2):
-            for p in multiprocessing.active_children():
+        while not self._stop.wait(0.1):
+            for p in list(self.processes):
                 if p.exitcode not in (None, 0):
                     self.failed = p.exitcode
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -94,20 +109,28 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
     import ffcv.writer
     from tqdm import tqdm
 
-    # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable.
-    ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)
-    writer = ffcv.writer.DatasetWriter(str(path), _ffcv_fields(), num_workers=num_workers)
     watchdog = _WorkerWatchdog()
+    # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable. Its worker
+    # processes are recorded for the watchdog.
+    ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)
+    ffcv.writer.Process = watchdog.process_class
+    writer = ffcv.writer.DatasetWriter(str(path), _ffcv_fields(), num_workers=num_workers)
     try:
         with watchdog:
             writer.from_indexed_dataset(_SplitDataset(split.images, split.fine, split.coarse),
                                         chunksize=1000)
     except KeyboardInterrupt:
-        for p in multiprocessing.active_children():
-            p.terminate()
+        for p in watchdog.processes:
+            if p.is_alive():
+                p.terminate()
         if watchdog.failed is not None:
-            raise DatasetError(f'{path}: a writer process failed (exit code {watchdog.failed}); '
-                               f'is the disk full?') from None
+            import shutil
+            free, need = shutil.disk_usage(path.parent).free, len(split) * (split.images[0].nbytes + 128)
+            why = (f'the disk is full ({free / 2**20:,.1f} MiB free, about {need / 2**20:,.0f} MiB '
+                   f'needed); free some space and run again' if free < need else
+                   f'a writer process failed (exit code {watchdog.failed})')
+            raise DatasetError(f'{path.parent}: writing {path.name.split(".tmp-")[0].lstrip(".")} '
+                               f'failed: {why}') from None
         raise
 
 
@@ -168,19 +191,35 @@ def _load_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def is_up_to_date(out_dir: Path, md5: str | None) -> dict | None:
+def is_up_to_date(out_dir: Path, md5: str | None, *, with_beton: bool = True) -> dict | None:
     """The manifest, if ``out_dir`` holds complete outputs for a source with this md5
-    (any md5 when ``md5`` is None), written by this format version; else None."""
+    (any md5 when ``md5`` is None), written by this format version (with ``.beton`` files
+    when ``with_beton``); else None."""
     m = _load_manifest(out_dir)
-    if not m or m.get('format_version') != FORMAT_VERSION:
+    if not m or m.get('format_version') != FORMAT_VERSION or set(m.get('splits', {})) != set(BETON_NAMES):
         return None
     if md5 is not None and m.get('source', {}).get('md5') != md5:
         return None
-    for split, info in m.get('splits', {}).items():
-        f = out_dir / info.get('file', '')
-        if not f.is_file() or f.stat().st_size != info.get('bytes'):
-            return None
-    return m if set(m.get('splits', {})) == set(BETON_NAMES) else None
+    for info in m['splits'].values():
+        files = [(info.get('arrays'), info.get('arrays_bytes'))]
+        if with_beton:
+            files.append((info.get('file'), info.get('bytes')))
+        for name, size in files:
+            f = out_dir / (name or '?')
+            if not name or not f.is_file() or f.stat().st_size != size:
+                return None
+    return m
+
+
+ARRAY_DTYPE = np.dtype([('image', np.uint8, IMAGE_SHAPE), ('label', np.uint8), ('coarse_label', np.uint8)])
+
+
+def _write_arrays(path: Path, split) -> None:
+    """One structured ``.npy`` per split (images, fine and coarse labels): memory-mappable."""
+    rows = np.empty(len(split), ARRAY_DTYPE)
+    rows['image'], rows['label'], rows['coarse_label'] = split.images, split.fine, split.coarse
+    with open(path, 'wb') as f:
+        np.save(f, rows)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -192,16 +231,17 @@ def _check_out_dir(out_dir: Path) -> None:
         raise DatasetError(f'{out_dir}: output folder is not writable ({e.strerror or e})') from None
 
 
-def _manifest(data: Cifar100, files: dict[str, Path], seconds: float) -> dict:
-    from importlib.metadata import version
+def _manifest(data: Cifar100, betons: dict[str, Path] | None, arrays: dict[str, Path],
+              seconds: float) -> dict:
     splits = {}
-    for name, path in files.items():
+    for name, path in arrays.items():
         split = getattr(data, name)
         per_class = np.bincount(split.fine, minlength=100)
+        beton = betons[name] if betons else None
         splits[name] = {
-            'file': path.name,
+            'file': beton and beton.name, 'bytes': beton and beton.stat().st_size,
+            'arrays': path.name, 'arrays_bytes': path.stat().st_size,
             'count': len(split),
-            'bytes': path.stat().st_size,
             'per_class_min': int(per_class.min()),
             'per_class_max': int(per_class.max()),
         }
@@ -214,7 +254,7 @@ def _manifest(data: Cifar100, files: dict[str, Path], seconds: float) -> dict:
         'fine_label_names': data.fine_names,
         'coarse_label_names': data.coarse_names,
         'fine_to_coarse': list(FINE_TO_COARSE),
-        'ffcv_version': version('ffcv'),
+        'ffcv_version': ffcv_version() if betons else None,
         'write_seconds': round(seconds, 3),
     }
 
@@ -231,11 +271,15 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     _remove_temps(out_dir)  # left by killed runs
+    no_ffcv = ffcv_import_error()
+    if no_ffcv:
+        log(f'notice: ffcv does not import here ({no_ffcv}): writing the numpy arrays only '
+            f'(training then uses --data.loader torchvision)')
 
     if source is None:
         # Official data: up to date if the manifest says it came from the official archive,
         # so a second run needs neither the network nor the archive.
-        if not force and (m := is_up_to_date(out_dir, CIFAR100_MD5)):
+        if not force and (m := is_up_to_date(out_dir, CIFAR100_MD5, with_beton=not no_ffcv)):
             log(f'{out_dir}: .beton files are up to date (official archive); nothing to do '
                 f'(--force rewrites them)')
             return WriteResult('skipped', m, time.perf_counter() - t0)
@@ -251,7 +295,7 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
     if not source.exists():
         raise DatasetError(f'{source}: no such file or folder')
     md5 = source_md5(source)
-    if not force and (m := is_up_to_date(out_dir, md5)):
+    if not force and (m := is_up_to_date(out_dir, md5, with_beton=not no_ffcv)):
         log(f'{out_dir}: .beton files are up to date for {source} (md5 {md5}); nothing to do '
             f'(--force rewrites them)')
         return WriteResult('skipped', m, time.perf_counter() - t0)
@@ -261,25 +305,32 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
         log(f'notice: {source} has md5 {md5}, not the official {CIFAR100_MD5}; accepted after '
             f'structural checks ({len(data.train):,} train / {len(data.test):,} test images)')
 
-    tmp = {name: out_dir / f'.{fname}.tmp-{os.getpid()}' for name, fname in BETON_NAMES.items()}
-    final = {name: out_dir / fname for name, fname in BETON_NAMES.items()}
+    names = {**{('arrays', k): v for k, v in ARRAY_NAMES.items()},
+             **({} if no_ffcv else {('beton', k): v for k, v in BETON_NAMES.items()})}
+    tmp = {key: out_dir / f'.{fname}.tmp-{os.getpid()}' for key, fname in names.items()}
+    final = {key: out_dir / fname for key, fname in names.items()}
     try:
         for name in ('train', 'test'):
-            _write_beton(tmp[name], getattr(data, name), num_workers, progress,
-                         desc=f'write {BETON_NAMES[name]}')
+            _write_arrays(tmp['arrays', name], getattr(data, name))
+            if not no_ffcv:
+                _write_beton(tmp['beton', name], getattr(data, name), num_workers, progress,
+                             desc=f'write {BETON_NAMES[name]}')
         (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # a crash between renames => rewrite
-        for name in tmp:
-            os.replace(tmp[name], final[name])
+        for key in tmp:
+            os.replace(tmp[key], final[key])
         _write_examples(data, out_dir)
         seconds = time.perf_counter() - t0
-        manifest = _manifest(data, final, seconds)
-        mtmp = out_dir / f'.{MANIFEST_NAME}.tmp-{os.getpid()}'
-        mtmp.write_text(json.dumps(manifest, indent=2) + '\n')
-        os.replace(mtmp, out_dir / MANIFEST_NAME)
+        betons = None if no_ffcv else {k: final['beton', k] for k in BETON_NAMES}
+        manifest = _manifest(data, betons, {k: final['arrays', k] for k in ARRAY_NAMES}, seconds)
+        atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + '\n')
     except OSError as e:
+        if is_disk_full(e):
+            raise DatasetError(f'{out_dir}: the disk is full ({e.strerror or e}); free some space '
+                               f'and run again (earlier outputs are intact)') from None
         raise DatasetError(f'{out_dir}: writing failed ({e.strerror or e})') from None
     finally:
-        _remove_temps(out_dir, os.getpid())  # .beton/examples/manifest temps of this run
-    log(f'wrote {final["train"]} ({len(data.train):,}) and {final["test"]} ({len(data.test):,}) '
-        f'in {seconds:.1f} s')
+        _remove_temps(out_dir, os.getpid())  # .beton/.npy/examples/manifest temps of this run
+    kind = 'arrays' if no_ffcv else 'beton'
+    log(f'wrote {final[kind, "train"]} ({len(data.train):,}) and {final[kind, "test"]} '
+        f'({len(data.test):,}) in {seconds:.1f} s')
     return WriteResult('written', manifest, seconds)

@@ -11,7 +11,7 @@ import argparse
 from _cli import ROOT, run
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--source', help='local cifar-100-python.tar.gz or extracted cifar-100-python/ '
                    'folder (default: download the official archive)')
@@ -21,7 +21,7 @@ def main() -> int:
     p.add_argument('--url', default=None, help='download from this mirror instead of the official '
                    'address (the md5 is still checked)')
     p.add_argument('--quiet', action='store_true', help='no progress bars')
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from ffcv_pipeline.writer import write_datasets
     from ffcv_pipeline.constants import CIFAR100_URL

@@ -152,3 +152,30 @@ def test_indices_past_the_end_are_an_error_not_a_segfault(synthetic_betons):
         make_loader(synthetic_betons / BETON_NAMES['train'], batch_size=100, num_workers=1,
                     order='sequential', os_cache=True, drop_last=False, indices=np.arange(512),
                     pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+
+
+def test_a_failing_loading_thread_raises_instead_of_hanging(synthetic_betons):
+    """FFCV's loading thread dies silently on an exception and its consumer waits forever; here
+    it raises. The trigger is real: FFCV allocates its buffers where the epoch starts, so under
+    ``torch.inference_mode`` they are inference tensors its thread may not write in place (the
+    trainer evaluates under ``no_grad`` for that reason). Catches removing the guard (a hang:
+    the test times out) or evaluating under inference_mode."""
+    import threading
+    from ffcv_pipeline.loaders import make_loader, test_pipeline
+    ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=100, num_workers=1,
+                     order='sequential', os_cache=True, drop_last=False,
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32, channels_last=False))
+    result = {}
+
+    def consume():
+        try:
+            with torch.inference_mode():
+                result['n'] = sum(len(y) for _, y in ld.epoch(0))
+        except RuntimeError as e:
+            result['error'] = str(e)
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), 'the loader hung'
+    assert 'FFCV loading failed' in result.get('error', '') and 'inference tensor' in result['error']
+    assert sum(len(y) for _, y in ld.epoch(0)) == 200  # the loader still works afterwards

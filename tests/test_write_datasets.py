@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_script
+from types import SimpleNamespace
+
+from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_main
 from ffcv_pipeline.archive import DatasetError, read_cifar100
-from ffcv_pipeline.constants import BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
+from ffcv_pipeline.constants import ARRAY_NAMES, BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
 
 
 def read_beton(path, indices=None):
@@ -32,6 +34,12 @@ def read_beton(path, indices=None):
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(cs)
 
 
+def convert(*args) -> SimpleNamespace:
+    """``python scripts/write_datasets.py ARGS``, in-process (a subprocess adds nothing here)."""
+    code, out, err = run_main('write_datasets', *args)
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def digest(folder: Path) -> dict:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -44,11 +52,18 @@ def test_round_trip_synthetic(synthetic_data, synthetic_betons):
         np.testing.assert_array_equal(x, images_of(split))  # exact pixels, same order
         np.testing.assert_array_equal(y, split['fine_labels'])
         np.testing.assert_array_equal(c, split['coarse_labels'])
+        arrays = np.load(synthetic_betons / ARRAY_NAMES[name])  # the torchvision loader's copy
+        np.testing.assert_array_equal(arrays['image'], images_of(split))
+        np.testing.assert_array_equal(arrays['label'], split['fine_labels'])
+        np.testing.assert_array_equal(arrays['coarse_label'], split['coarse_labels'])
     m = json.loads((synthetic_betons / MANIFEST_NAME).read_text())
     assert m['splits']['train']['count'] == 400 and m['splits']['test']['count'] == 200
+    assert m['splits']['train']['arrays'] == 'cifar100_train.npy'
+    assert m['splits']['train']['arrays_bytes'] == (synthetic_betons / 'cifar100_train.npy').stat().st_size
     assert len(m['fine_label_names']) == 100 and len(m['coarse_label_names']) == 20
     assert m['source']['official'] is False and len(m['source']['md5']) == 32
-    assert m['format_version'] == 1 and m['fine_to_coarse'] == list(FINE_TO_COARSE)
+    assert m['format_version'] == 2 and m['fine_to_coarse'] == list(FINE_TO_COARSE)
+    assert m['ffcv_version'] == '1.0.2'
     assert len(list((synthetic_betons / 'examples').glob('*.png'))) == 12
 
 
@@ -67,7 +82,7 @@ def test_reader_accepts_str_or_bytes_keys_archive_or_folder(tmp_path, bytes_keys
 
 def test_folder_source_via_cli(tmp_path):
     src = build_archive(tmp_path / 'src', folder=True)
-    r = run_script('scripts/write_datasets.py', '--source', src / 'cifar-100-python',
+    r = convert('--source', src / 'cifar-100-python',
                    '--out', tmp_path / 'out', '--quiet')
     assert r.returncode == 0, r.stderr
     assert (tmp_path / 'out' / BETON_NAMES['train']).is_file()
@@ -97,19 +112,19 @@ def test_real_archive(real_betons):
 # --- idempotence and --force ---------------------------------------------------------------------------
 def test_second_run_does_nothing_and_force_rewrites(tmp_path, synthetic_data):
     src, out = synthetic_data[0], tmp_path / 'out'
-    r1 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet')
+    r1 = convert('--source', src, '--out', out, '--quiet')
     assert r1.returncode == 0, r1.stderr
     assert 'not the official' in r1.stdout  # one-line notice for a non-official md5
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    r2 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet')
+    r2 = convert('--source', src, '--out', out, '--quiet')
     assert r2.returncode == 0 and 'nothing to do' in r2.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
-    r3 = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet', '--force')
+    r3 = convert('--source', src, '--out', out, '--quiet', '--force')
     assert r3.returncode == 0 and 'wrote' in r3.stdout
-    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in out.glob('*.beton'))
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in [*out.glob('*.beton'), *out.glob('*.npy')])
     # a different source is not "up to date"
     other = build_archive(tmp_path / 'other.tar.gz', train=make_split(1, seed=9))
-    r4 = run_script('scripts/write_datasets.py', '--source', other, '--out', out, '--quiet')
+    r4 = convert('--source', other, '--out', out, '--quiet')
     assert r4.returncode == 0 and 'wrote' in r4.stdout
 
 
@@ -144,10 +159,10 @@ def _bad_sources(tmp_path: Path, good: Path) -> dict:
 
 def test_bad_inputs_fail_cleanly_and_keep_previous_outputs(tmp_path, synthetic_data):
     good, out = synthetic_data[0], tmp_path / 'out'
-    assert run_script('scripts/write_datasets.py', '--source', good, '--out', out, '--quiet').returncode == 0
+    assert convert('--source', good, '--out', out, '--quiet').returncode == 0
     before = digest(out)
     for name, (src, expected) in _bad_sources(tmp_path, good).items():
-        r = run_script('scripts/write_datasets.py', '--source', src, '--out', out, '--quiet', '--force')
+        r = convert('--source', src, '--out', out, '--quiet', '--force')
         assert r.returncode != 0, name
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('error: '), (name, r.stderr)
@@ -160,13 +175,13 @@ def test_bad_inputs_fail_cleanly_and_keep_previous_outputs(tmp_path, synthetic_d
 def test_unwritable_output_folder(tmp_path, synthetic_data):
     blocker = tmp_path / 'a_file'
     blocker.write_text('not a folder')
-    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', blocker / 'out')
+    r = convert('--source', synthetic_data[0], '--out', blocker / 'out')
     assert r.returncode != 0
     assert r.stderr.startswith('error: ') and 'not writable' in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_download_failure_is_one_line(tmp_path):
-    r = run_script('scripts/write_datasets.py', '--out', tmp_path / 'out', '--quiet',
+    r = convert('--out', tmp_path / 'out', '--quiet',
                    '--url', 'http://127.0.0.1:9/cifar-100-python.tar.gz')
     assert r.returncode != 0
     assert r.stderr.startswith('error: download of http://127.0.0.1:9/') and len(r.stderr.splitlines()) == 1
@@ -210,8 +225,17 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path, synthetic_data):
     dead = 2 ** 22 + 12345  # above the default pid_max: no such process
     (out / f'.cifar100_train.beton.tmp-{dead}').write_bytes(b'x' * 1000)
     (out / f'.examples.tmp-{dead}').mkdir()
-    alive = out / f'.cifar100_test.beton.tmp-{os.getpid()}'  # a running process: kept
+    alive = out / f'.cifar100_test.beton.tmp-{os.getppid()}'  # a running process (ours is the writer): kept
     alive.write_bytes(b'y')
-    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', out, '--quiet')
+    r = convert('--source', synthetic_data[0], '--out', out, '--quiet')
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == [alive.name]
+
+
+def test_full_disk_is_one_line_and_keeps_earlier_outputs(small_disk, synthetic_data, tmp_path):
+    """A real full disk (a 2.5 MB tmpfs; each synthetic .beton is 16 MB): one line saying so,
+    exit code != 0, no temporary file left."""
+    r = convert('--source', synthetic_data[0], '--out', small_disk / 'out', '--quiet', '--workers', 1)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f'error: {small_disk / "out"}') and 'disk is full' in r.stderr, r.stderr
+    assert not [p for p in (small_disk / 'out').iterdir() if p.name.startswith('.')]
