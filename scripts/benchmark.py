@@ -1,7 +1,9 @@
-"""Throughput, side by side on this machine: FFCV vs torchvision loader, model step, full epoch,
-conversion. Prints a table, writes JSON + a PNG bar chart.
+"""Throughput, side by side on this machine: loaders (FFCV, the ffcv-free torchvision path, the
+classic per-image torchvision transforms), the trainer's step, full epochs, conversion. Prints a
+table, writes JSON + a PNG bar chart.
 
     python scripts/benchmark.py                      # needs data_beton/ (scripts/write_datasets.py)
+    python scripts/benchmark.py --loaders ffcv,torchvision --epochs 1
     python scripts/benchmark.py --tiny --out /tmp/b  # seconds, for tests
 
 Measured figures and the command live in docs/BENCHMARKS.md.
@@ -15,35 +17,47 @@ from _cli import ROOT, run
 SHARED_ARCHIVE = ROOT.parent / 'shared' / 'data' / 'cifar-100-python.tar.gz'
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--train-beton', default=str(ROOT / 'data_beton' / 'cifar100_train.beton'))
+    p.add_argument('--config', default='rn18.yaml', help='training config giving the batch size, '
+                   'augmentation and model (default: %(default)s)')
+    p.add_argument('--data-dir', help="folder with the .beton files and .npy arrays (default: the "
+                   "config's, data_beton/)")
     p.add_argument('--archive', default=None, help='CIFAR-100 archive to time the conversion '
                    f'(default: data_beton/cifar-100-python.tar.gz or {SHARED_ARCHIVE} if present)')
-    p.add_argument('--batch-size', type=int, default=512)
-    p.add_argument('--workers', type=int, default=0, help='loader workers (default: all cores)')
-    p.add_argument('--epochs', type=int, default=3, help='steady-state loader epochs')
-    p.add_argument('--device', default='auto')
+    p.add_argument('--loaders', default='ffcv,torchvision,classic',
+                   help='which loaders to compare (default: %(default)s)')
+    p.add_argument('--batch-size', type=int, help="default: the config's")
+    p.add_argument('--workers', type=int, default=-1, help='loader workers (default -1: all cores)')
+    p.add_argument('--epochs', type=int, default=3, help='steady-state loader epochs (default 3)')
+    p.add_argument('--device', default='auto', help='auto | cuda | mps | cpu')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='also time the torch.compile\'d step (default: on a GPU)')
     p.add_argument('--tiny', action='store_true', help='a few batches of everything (for tests)')
     p.add_argument('--out', default=str(ROOT / 'bench_out'), help='folder for benchmark.json/.png')
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
-    from training.benchmark import Settings, format_table, plot, run_benchmark
-    beton = Path(args.train_beton)
-    if not beton.is_file():
-        raise FileNotFoundError(f'{beton}: no such .beton file; run `python scripts/write_datasets.py` first')
+    from training.benchmark import LOADERS, Settings, run_benchmark
+    from training.benchmark_report import format_table, plot
+    loaders = tuple(k.strip() for k in args.loaders.split(',') if k.strip())
+    if not loaders or set(loaders) - set(LOADERS):
+        raise ValueError(f'--loaders: {args.loaders!r}; choose from {list(LOADERS)}')
+    overrides = []
+    if args.data_dir:
+        from ffcv_pipeline.constants import BETON_NAMES
+        overrides += [f'data.{k}_path={Path(args.data_dir) / v}' for k, v in BETON_NAMES.items()]
+    if args.batch_size:
+        overrides.append(f'data.batch_size={args.batch_size}')
     archive = args.archive
-    if archive is None:
-        for cand in (ROOT / 'data_beton' / 'cifar-100-python.tar.gz', SHARED_ARCHIVE):
-            if cand.is_file():
-                archive = cand
-                break
-    s = Settings(train_beton=beton, batch_size=args.batch_size, workers=args.workers,
-                 loader_epochs=args.epochs, archive=None if args.tiny else archive, device=args.device)
-    if args.tiny:
-        s.batch_size, s.loader_epochs, s.loader_images = 64, 2, 512
-        s.model_batch, s.model_steps, s.model_width, s.epoch_images = 16, 2, 8, 64
-    res = run_benchmark(s, compare_ops=not args.tiny)
+    if archive is None and not args.tiny:
+        archive = next((c for c in (ROOT / 'data_beton' / 'cifar-100-python.tar.gz', SHARED_ARCHIVE)
+                        if c.is_file()), None)
+    s = Settings(config=args.config, overrides=overrides, device=args.device, workers=args.workers,
+                 loaders=loaders, epochs=args.epochs, compile=args.compile, archive=archive)
+    if args.tiny:  # every section, on a few hundred images and a narrow model
+        s.overrides += ['data.batch_size=64', 'model.width=8']
+        s.epochs, s.per_class, s.model_batch, s.model_steps, s.epoch_per_class = 2, 4, 16, 2, 1
+    res = run_benchmark(s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'benchmark.json').write_text(json.dumps(res, indent=2) + '\n')

@@ -1,39 +1,50 @@
-"""scripts/benchmark.py in its tiny mode: the JSON has every section and every figure is > 0."""
+"""scripts/benchmark.py in its tiny mode: every section runs (loaders, augmentation ops, the
+trainer's step, a full epoch, the conversion) and its figures are consistent with each other
+and with the data it was given -- not merely positive."""
 import json
 
-from conftest import run_script
-from ffcv_pipeline.constants import BETON_NAMES
+import pytest
+
+from conftest import run_main
 
 
-def _numbers(obj, path=''):
-    if isinstance(obj, bool) or obj is None:
-        return
-    if isinstance(obj, (int, float)):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f'{path}.{k}')
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f'{path}[{i}]')
-
-
-def test_tiny_benchmark_writes_complete_positive_figures(synthetic_betons, tmp_path):
-    r = run_script('scripts/benchmark.py', '--tiny', '--device', 'cpu',
-                   '--train-beton', synthetic_betons / BETON_NAMES['train'], '--out', tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_tiny_benchmark_measures_every_section_consistently(synthetic_data, synthetic_betons, tmp_path):
+    """Catches a loader timing that does not iterate the epoch (image counts), a ratio or
+    data-wait share computed from the wrong figures, and a --tiny that skips the conversion or
+    the augmentation-ops comparison."""
+    code, out, err = run_main('benchmark', '--tiny', '--device', 'cpu', '--data-dir', synthetic_betons,
+                              '--archive', synthetic_data[0], '--out', tmp_path)
+    assert code == 0, err
     res = json.loads((tmp_path / 'benchmark.json').read_text())
-    for section in ('loader_ffcv', 'loader_torchvision', 'model_step', 'full_epoch'):
-        assert section in res, section
-    for key in ('images_per_s_median', 'images_per_s_min', 'images_per_s_max', 'warmup_epoch_s'):
-        assert res['loader_ffcv'][key] > 0 and res['loader_torchvision'][key] > 0, key
-    assert len(res['loader_ffcv']['epochs']) == 2  # steady-state epochs, warm-up apart
-    assert res['loader_speedup'] > 0 and res['verdict'] in ('loader-bound', 'compute-bound')
-    assert 0 <= res['full_epoch']['data_wait_fraction'] < 1
+    assert set(res['loaders']) == {'ffcv', 'torchvision', 'classic'}
+    for kind, d in res['loaders'].items():
+        assert d['images_per_epoch'] == 384, kind  # 400 images (4 per class), batches of 64, drop_last
+        assert len(d['epochs']) == 2 and d['warmup_epoch_s'] > 0
+        assert 0 < d['images_per_s_min'] <= d['images_per_s_median'] <= d['images_per_s_max']
+        assert d['images_per_s_median'] == pytest.approx(384 / d['epoch_s'], rel=0.5)
+    rate = {k: d['images_per_s_median'] for k, d in res['loaders'].items()}
+    assert res['loader_speedup'] == {'ffcv/torchvision': round(rate['ffcv'] / rate['torchvision'], 2),
+                                     'ffcv/classic': round(rate['ffcv'] / rate['classic'], 2)}
+    ops = res['augmentation_ops']
+    assert ops['ours'] > 0 and ops['ffcv_builtin'] > 0
+    assert ops['speedup'] == round(ops['ours'] / ops['ffcv_builtin'], 2)
+    m = res['model_step']
+    assert (m['batch'], m['steps'], m['precision'], m['width'], m['compiled']) == (16, 2, 'float32', 8, False)
+    assert m['images_per_s'] > 0 and 'model_step_compiled' not in res  # no compile on the CPU by default
+    e = res['full_epoch']['ffcv']
+    assert e['images_per_epoch'] == 96 and e['batch'] == 16  # 1 image per class, batches of 16
+    assert 0 <= e['data_wait_fraction'] < 1
+    assert res['verdict'] == ('loader-bound' if e['data_wait_fraction'] > 0.05 else 'compute-bound')
+    c = res['conversion']
+    assert c['images'] == 600 and c['seconds'] > 0
     env = res['environment']
-    assert env['cores'] >= 1 and env['torch'] and env['ffcv'] == '1.0.2' and env['numba']
-    numbers = dict(_numbers({k: v for k, v in res.items() if k != 'settings'}))
-    bad = {k: v for k, v in numbers.items() if v <= 0 and not k.endswith(('data_wait_s', 'data_wait_fraction'))}
-    assert not bad, bad
+    assert env['cores'] >= 1 and env['ffcv'] == '1.0.2' and env['torch'] and env['numba']
     assert (tmp_path / 'benchmark.png').read_bytes()[:4] == b'\x89PNG'
-    assert 'loader speed-up FFCV / torchvision' in r.stdout  # the table
+    for row in ('loader speed-up ffcv/classic', 'aug ops only', 'full epoch: ffcv loader + step',
+                'conversion (600 images)'):
+        assert row in out, row
+
+
+def test_bad_loader_choice_is_one_line(synthetic_betons, tmp_path):
+    code, out, err = run_main('benchmark', '--tiny', '--loaders', 'ffcv,dali', '--data-dir', synthetic_betons)
+    assert code == 2 and err.strip() == "error: --loaders: 'ffcv,dali'; choose from ['ffcv', 'torchvision', 'classic']"

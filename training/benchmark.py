@@ -1,19 +1,21 @@
-"""Throughput benchmark: FFCV vs a torchvision DataLoader, model step, full epoch, conversion.
+"""Throughput, side by side on this machine: loaders, the trainer's own step, full epochs, conversion.
 
-    python scripts/benchmark.py                  # full run (a few minutes on 2 CPU cores)
-    python scripts/benchmark.py --tiny           # seconds; used by the tests
+    python scripts/benchmark.py                      # rn18.yaml's batch/augmentation/model; minutes on 2 cores
+    python scripts/benchmark.py --tiny --out /tmp/b  # seconds, for tests
 
-All figures come from one run on one machine, side by side:
+Every section builds what the trainer builds (``ffcv_pipeline.data.build_data`` for the
+loaders, ``training.step.TrainStep`` for the step), from a training config:
 
-- loader: images/s of the whole training augmentation pipeline up to the normalized float
-  tensors the model consumes -- FFCV (numba crop/flip/cutout on uint8, normalize on the device)
-  vs. torchvision (PIL -> RandomCrop(32, 4) -> RandomHorizontalFlip -> ToTensor -> Normalize ->
-  RandomErasing as cutout), same data, batch size and worker count. The first epoch (numba
-  compilation, worker start) is reported apart from the steady-state epochs (median, min, max).
-- model step: forward + backward + SGD step on synthetic tensors (no loader); on CUDA also
-  AMP + channels-last vs. fp32 NCHW.
-- full epoch: loader + model together, with the time spent waiting for data, which says
-  whether training is loader-bound or compute-bound.
+- loaders: images/s of the whole training input pipeline up to the normalized tensors the model
+  consumes -- ``ffcv`` (FFCV, numba JIT ops), ``torchvision`` (the project's ffcv-free torch
+  DataLoader, the same augmentation pixel for pixel) and ``classic`` (torchvision's per-image PIL
+  transforms, the usual CIFAR pipeline FFCV replaces: the acceptance ratio is against it). The
+  first epoch (numba compilation, worker start) is reported apart from the steady ones.
+- augmentation ops (full runs): our reproducible FFCV ops vs FFCV's built-in ones, uint8 out.
+- model step: synthetic batches through the trainer's step; on a GPU also fp32 NCHW, and
+  ``torch.compile`` vs eager.
+- full epoch: loader + step, with the time spent waiting for data (loader- or compute-bound?),
+  per loader on a GPU, the FFCV one on the CPU.
 - conversion: ``scripts/write_datasets.py`` on the real archive, as a subprocess.
 """
 from __future__ import annotations
@@ -24,131 +26,204 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ffcv_pipeline.constants import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
+from ffcv_pipeline import ffcv_version
+from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+from ffcv_pipeline.data import build_data
 from model import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from .config import ROOT, load_config
+from .runtime import (dtype_name, resolve_device, resolve_precision, sync, usable_cores,
+                      use_channels_last, workers_per_process)
+from .step import TrainStep, make_optimizer
+
+LOADERS = ('ffcv', 'torchvision', 'classic')
 
 
 @dataclass
 class Settings:
-    train_beton: Path
-    batch_size: int = 512
-    workers: int = 0  # 0 = all cores
-    loader_epochs: int = 3  # steady-state epochs after the warm-up epoch
-    loader_images: int = 0  # 0 = the whole training set
-    model_batch: int = 0  # 0 = batch_size on CUDA, 32 on the CPU
-    model_steps: int = 0  # 0 = 50 on CUDA, 5 on the CPU
-    model_width: int = 64
-    epoch_images: int = 0  # images in the full-epoch measurement; 0 = all on CUDA, 1024 on CPU
-    archive: Path | None = None  # for the conversion timing; None skips it
+    config: str = 'rn18.yaml'  # batch size, augmentation, model and optimizer of the benchmark
+    overrides: list[str] = field(default_factory=list)  # ['data.train_path=...', ...]
     device: str = 'auto'
-
-    def resolved(self) -> 'Settings':
-        cuda = self.dev.type == 'cuda'
-        self.workers = self.workers or os.cpu_count()
-        self.model_batch = self.model_batch or (self.batch_size if cuda else 32)
-        self.model_steps = self.model_steps or (50 if cuda else 5)
-        if not self.epoch_images:
-            self.epoch_images = 0 if cuda else 1024
-        return self
-
-    @property
-    def dev(self) -> torch.device:
-        if self.device == 'auto':
-            return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        return torch.device(self.device)
+    workers: int = -1  # loader workers; -1 = all usable cores
+    loaders: tuple[str, ...] = LOADERS
+    epochs: int = 3  # steady-state loader epochs after the warm-up epoch
+    per_class: int = 0  # loader benchmark on the first N images of each class; 0 = all
+    model_batch: int = 0  # 0 = the config's batch on a GPU, 32 on the CPU
+    model_steps: int = 0  # 0 = 50 on a GPU, 5 on the CPU
+    epoch_per_class: int = -1  # full epoch on N images per class; -1 = all on a GPU, 10 on the CPU
+    compile: bool | None = None  # also time torch.compile's step; None = on a GPU
+    compare_ops: bool = True
+    archive: Path | None = None  # for the conversion timing; None skips it
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == 'cuda':
-        torch.cuda.synchronize(dev)
-
-
-def _summary(epoch_rates: list[float], warmup_s: float, images: int) -> dict:
-    return {'warmup_epoch_s': round(warmup_s, 3), 'images_per_epoch': images,
-            'images_per_s_median': round(statistics.median(epoch_rates), 1),
-            'images_per_s_min': round(min(epoch_rates), 1),
-            'images_per_s_max': round(max(epoch_rates), 1),
-            'epochs': [round(r, 1) for r in epoch_rates]}
-
-
-def _subset(n_total: int, n: int) -> np.ndarray | None:
-    return None if not n or n >= n_total else np.arange(n)
-
-
-# --- loaders ---------------------------------------------------------------------------------------
-def bench_ffcv_loader(s: Settings) -> dict:
-    from ffcv_pipeline.loaders import make_loader, train_pipeline
-    from ffcv_pipeline.ops import AugmentationState
-    from training.trainer import beton_labels
-
-    n_total = len(beton_labels(s.train_beton))
-    state = AugmentationState(0)
-    dtype = torch.float16 if s.dev.type == 'cuda' else torch.float32
+# --- timing ------------------------------------------------------------------------------------
+def run_epoch(batches: Iterable, device: torch.device, step: Callable | None = None) -> tuple[int, float, float]:
+    """Iterate one epoch: (images, seconds, seconds spent waiting for the next batch)."""
+    n, wait = 0, 0.0
     t0 = time.perf_counter()
-    loader = make_loader(s.train_beton, batch_size=s.batch_size, num_workers=s.workers,
-                         order='quasi_random', os_cache=True, drop_last=True, state=state,
-                         indices=_subset(n_total, s.loader_images),
-                         pipelines=train_pipeline(device=s.dev, dtype=dtype, state=state, cutout=8))
-    rates, warmup = [], 0.0
-    for epoch in range(s.loader_epochs + 1):
+    it = iter(batches)
+    while True:
         t = time.perf_counter()
-        n = 0
-        for x, _ in loader.epoch(epoch):
-            n += x.shape[0]
-        _sync(s.dev)
+        try:
+            x, y = next(it)[:2]
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t
+        if step is not None:
+            step(x, y)
+        n += y.shape[0]
+    sync(device)
+    return n, time.perf_counter() - t0, wait
+
+
+def time_epochs(epoch: Callable[[int], Iterable], epochs: int, device: torch.device,
+                step: Callable | None = None) -> dict:
+    """A warm-up epoch (compilation, worker start, autotuning), then ``epochs`` timed ones."""
+    t0 = time.perf_counter()
+    run_epoch(epoch(0), device, step)
+    warmup = time.perf_counter() - t0
+    runs = [run_epoch(epoch(e), device, step) for e in range(1, epochs + 1)]
+    rates = [n / s for n, s, _ in runs]
+    return {'warmup_epoch_s': round(warmup, 3), 'images_per_epoch': runs[0][0],
+            'images_per_s_median': round(statistics.median(rates), 1),
+            'images_per_s_min': round(min(rates), 1), 'images_per_s_max': round(max(rates), 1),
+            'epochs': [round(r, 1) for r in rates], 'epoch_s': round(statistics.median(s for _, s, _ in runs), 4),
+            'data_wait_fraction': round(sum(w for *_, w in runs) / sum(s for _, s, _ in runs), 5)}
+
+
+# --- what is timed -----------------------------------------------------------------------------
+class Bench:
+    def __init__(self, s: Settings):
+        self.s = s
+        self.cfg = load_config(s.config, [*s.overrides, f'training.device={s.device}'])
+        self.dev = resolve_device(self.cfg.training.device)
+        self.dtype = resolve_precision(self.cfg.training.precision, self.dev)
+        self.cuda = self.dev.type == 'cuda'
+        self.workers = workers_per_process(s.workers)
+
+    def config(self, *extra: str):
+        return load_config(self.s.config, [*self.s.overrides, f'training.device={self.s.device}', *extra])
+
+    def data(self, loader: str, per_class: int, batch: int | None = None):
+        cfg = self.config(f'data.loader={loader}', f'data.train_per_class={per_class}',
+                          *([f'data.batch_size={batch}'] if batch else []))
+        return build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
+                          channels_last=use_channels_last(cfg.model.channels_last, self.dev, cfg.model.width))
+
+    def loader(self, kind: str) -> dict:
+        if kind == 'classic':
+            return self.classic_loader()
+        train = self.data(kind, self.s.per_class).train
+        return time_epochs(train.epoch, self.s.epochs, self.dev)
+
+    def classic_loader(self) -> dict:
+        """torchvision's per-image transforms: uint8 array -> PIL -> crop/flip -> tensor ->
+        normalize -> erase (cutout, mean fill = 0 after normalizing), what the usual CIFAR
+        training scripts (and torchvision.datasets.CIFAR100) do per image."""
+        import torchvision.transforms as T
+        from ffcv_pipeline.data import per_class_indices, resolve_path
+        from ffcv_pipeline.torch_loader import fill_colour, load_arrays
+        cfg, a = self.cfg, self.cfg.augment
+        arrays = load_arrays(resolve_path(cfg.data.train_path, ROOT).with_suffix('.npy'))
+        idx = per_class_indices(arrays['label'], self.s.per_class)
+        images, labels = (arrays['image'], arrays['label']) if idx is None else \
+            (arrays['image'][idx], arrays['label'][idx])
+        area = a.cutout ** 2 / (images.shape[1] * images.shape[2])
+        transform = T.Compose([
+            T.RandomCrop(images.shape[1], padding=a.translate, fill=fill_colour()),
+            *([T.RandomHorizontalFlip()] if a.flip else []), T.ToTensor(),
+            T.Normalize([m / 255 for m in CIFAR100_MEAN], [v / 255 for v in CIFAR100_STD]),
+            *([T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)] if a.cutout else [])])
+        loader = torch.utils.data.DataLoader(
+            _PilDataset(images, labels, transform), batch_size=cfg.data.batch_size, shuffle=True,
+            num_workers=self.workers, drop_last=True, persistent_workers=True, pin_memory=self.cuda)
+
+        def epoch(_):
+            for x, y in loader:
+                yield x.to(self.dev, non_blocking=True).contiguous(memory_format=torch.channels_last), y
+        return time_epochs(epoch, self.s.epochs, self.dev)
+
+    def step(self, *, dtype: torch.dtype, channels_last: bool, compile: bool = False):
+        """The trainer's step on a fresh model of the config's architecture."""
+        torch.manual_seed(0)
+        m, tc = self.cfg.model, self.cfg.training
+        model = build_model(m.arch, num_classes=m.num_classes, width=m.width,
+                            channels_last=channels_last).to(self.dev)
+        net = torch.compile(model) if compile else model
+        step = TrainStep(net, make_optimizer(model, tc), device=self.dev, dtype=dtype,
+                         label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip)
+        lr = tc.lr / 10  # any small LR: the figure is time, not accuracy
+        return lambda x, y: step(x, y, lr)
+
+    def model_step(self, *, dtype: torch.dtype, channels_last: bool, compile: bool = False) -> dict:
+        batch = self.s.model_batch or (self.cfg.data.batch_size if self.cuda else 32)
+        steps = self.s.model_steps or (50 if self.cuda else 5)
+        step = self.step(dtype=dtype, channels_last=channels_last, compile=compile)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(batch, 3, 32, 32, device=self.dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.dev)
+        t = time.perf_counter()
+        for _ in range(3 if compile else 2 if not self.cuda else 10):  # compile, autotune, warm up
+            step(x, y)
+        sync(self.dev)
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        sync(self.dev)
         dt = time.perf_counter() - t
-        if epoch == 0:
-            warmup = time.perf_counter() - t0  # construction + numba compilation + one epoch
-        else:
-            rates.append(n / dt)
-    out = _summary(rates, warmup, n)
-    out['output'] = f'{tuple(x.shape)} {str(x.dtype).replace("torch.", "")} on {x.device}, channels_last'
-    return out
+        return {'images_per_s': round(steps * batch / dt, 1), 'batch': batch, 'steps': steps,
+                'warmup_s': round(warm, 3), 'precision': dtype_name(dtype),
+                'channels_last': channels_last, 'compiled': compile, 'width': self.cfg.model.width}
+
+    def full_epoch(self, kind: str) -> dict:
+        """Loader + step, as the trainer runs them; the share of time spent waiting for data."""
+        per_class = self.s.epoch_per_class if self.s.epoch_per_class >= 0 else 0 if self.cuda else 10
+        batch = None if self.cuda else (self.s.model_batch or 32)
+        train = self.data(kind, per_class, batch).train
+        cl = use_channels_last(self.cfg.model.channels_last, self.dev, self.cfg.model.width)
+        out = time_epochs(train.epoch, 1, self.dev,
+                          step=self.step(dtype=self.dtype, channels_last=cl))
+        return {**out, 'batch': batch or self.cfg.data.batch_size, 'precision': dtype_name(self.dtype)}
+
+    def augmentation_ops(self) -> dict:
+        """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones."""
+        import ffcv.transforms as FT
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.transforms import ToTensor, ToTorchImage
+        from ffcv_pipeline import ops as O
+        from ffcv_pipeline.data import resolve_path
+        from ffcv_pipeline.loaders import make_loader
+        from ffcv_pipeline.torch_loader import fill_colour
+        a, fill, out = self.cfg.augment, fill_colour(), {}
+        for name in ('ours', 'ffcv_builtin'):
+            state = O.AugmentationState(0)
+            aug = ([O.RandomHorizontalFlip(state), O.RandomTranslate(state, padding=a.translate, fill=fill),
+                    O.Cutout(state, size=a.cutout, fill=fill)] if name == 'ours' else
+                   [FT.RandomHorizontalFlip(), FT.RandomTranslate(padding=a.translate, fill=fill),
+                    FT.Cutout(a.cutout, fill)])
+            loader = make_loader(resolve_path(self.cfg.data.train_path, ROOT), batch_size=self.cfg.data.batch_size,
+                                 num_workers=self.workers, order='quasi_random', os_cache=True,
+                                 drop_last=True, state=state,
+                                 pipelines={'image': [SimpleRGBImageDecoder(), *aug, ToTensor(),
+                                                      ToTorchImage(channels_last=True)],
+                                            'label': [IntDecoder(), ToTensor()]})
+            out[name] = time_epochs(loader.epoch, self.s.epochs, torch.device('cpu'))['images_per_s_median']
+        out['speedup'] = round(out['ours'] / out['ffcv_builtin'], 2)
+        return out
 
 
-def bench_augmentation_ops(s: Settings) -> dict:
-    """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones."""
-    import ffcv.transforms as FT
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.transforms import ToTensor, ToTorchImage
-    from ffcv_pipeline import ops as O
-    from ffcv_pipeline.loaders import _fill, label_pipeline, make_loader
-
-    fill = _fill(CIFAR100_MEAN)
-    out = {}
-    for name in ('ours', 'ffcv_builtin'):
-        state = O.AugmentationState(0)
-        aug = ([O.RandomHorizontalFlip(state), O.RandomTranslate(state, padding=4, fill=fill),
-                O.Cutout(state, size=8, fill=fill)] if name == 'ours' else
-               [FT.RandomHorizontalFlip(), FT.RandomTranslate(padding=4, fill=fill), FT.Cutout(8, fill)])
-        loader = make_loader(s.train_beton, batch_size=s.batch_size, num_workers=s.workers,
-                             order='quasi_random', os_cache=True, drop_last=True, state=state,
-                             pipelines={'image': [SimpleRGBImageDecoder(), *aug, ToTensor(),
-                                                  ToTorchImage(channels_last=True)],
-                                        'label': label_pipeline(device=torch.device('cpu'))})
-        rates = []
-        for epoch in range(s.loader_epochs + 1):
-            t, n = time.perf_counter(), 0
-            for x, _ in loader.epoch(epoch):
-                n += x.shape[0]
-            if epoch:
-                rates.append(n / (time.perf_counter() - t))
-        out[name] = round(statistics.median(rates), 1)
-    out['speedup'] = round(out['ours'] / out['ffcv_builtin'], 2)
-    return out
-
-
-class _ArrayDataset(torch.utils.data.Dataset):
+class _PilDataset(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR100 does per item: a uint8 array -> PIL image -> transform."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
@@ -162,150 +237,18 @@ class _ArrayDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def read_beton_arrays(path: Path, n: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The same images and labels the FFCV loader reads (sequential, no augmentation)."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from training.trainer import beton_labels
-    # an index past the end would make FFCV read out of bounds (a segfault, not an error)
-    ld = Loader(str(path), batch_size=1000, num_workers=os.cpu_count(), order=OrderOption.SEQUENTIAL,
-                drop_last=False, indices=_subset(len(beton_labels(path)), n),
-                pipelines={'image': [SimpleRGBImageDecoder()], 'label': [IntDecoder()], 'coarse_label': None})
-    xs, ys = zip(*[(np.array(x), np.array(y).ravel()) for x, y in ld])
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def bench_torchvision_loader(s: Settings, images: np.ndarray, labels: np.ndarray, cutout: int = 8) -> dict:
-    import torchvision.transforms as T
-    area = cutout * cutout / (32 * 32)
-    transform = T.Compose([
-        T.RandomCrop(32, padding=4, fill=tuple(int(round(m)) for m in CIFAR100_MEAN)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize([m / 255 for m in CIFAR100_MEAN], [v / 255 for v in CIFAR100_STD]),
-        T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0),  # cutout, mean fill
-    ])
-    cuda = s.dev.type == 'cuda'
-    t0 = time.perf_counter()
-    loader = torch.utils.data.DataLoader(
-        _ArrayDataset(images, labels, transform), batch_size=s.batch_size, shuffle=True,
-        num_workers=s.workers, drop_last=True, persistent_workers=True, pin_memory=cuda)
-    rates, warmup = [], 0.0
-    for epoch in range(s.loader_epochs + 1):
+def bench_conversion(archive: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / 'scripts' / 'write_datasets.py'), '--source', str(archive),
+               '--out', tmp, '--force', '--quiet']
         t = time.perf_counter()
-        n = 0
-        for x, _ in loader:
-            if cuda:
-                x = x.to(s.dev, non_blocking=True).to(memory_format=torch.channels_last)
-            n += x.shape[0]
-        _sync(s.dev)
+        r = subprocess.run(cmd, capture_output=True, text=True)
         dt = time.perf_counter() - t
-        if epoch == 0:
-            warmup = time.perf_counter() - t0  # includes starting the worker processes
-        else:
-            rates.append(n / dt)
-    out = _summary(rates, warmup, n)
-    out['output'] = f'{tuple(x.shape)} {str(x.dtype).replace("torch.", "")} on {x.device}'
-    return out
-
-
-# --- model ---------------------------------------------------------------------------------------
-def _train_setup(s: Settings, dtype: torch.dtype, channels_last: bool = True):
-    """Model, and a training step ``step(x, y)`` as the trainer takes it (AMP, SGD, scaler)."""
-    dev = s.dev
-    torch.manual_seed(0)
-    model = build_model('resnet18', width=s.model_width, channels_last=channels_last).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    if dev.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-
-    def step(x, y):
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    return model, step
-
-
-def bench_model_step(s: Settings, *, dtype: torch.dtype, channels_last: bool) -> dict:
-    dev = s.dev
-    _, step = _train_setup(s, dtype, channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(s.model_batch, 3, 32, 32, device=dev).to(memory_format=fmt)
-    y = torch.randint(0, 100, (s.model_batch,), device=dev)
-    t = time.perf_counter()
-    for _ in range(2 if dev.type == 'cpu' else 10):  # cuDNN autotuning, allocator warm-up
-        step(x, y)
-    _sync(dev)
-    warm = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(s.model_steps):
-        step(x, y)
-    _sync(dev)
-    dt = time.perf_counter() - t
-    return {'images_per_s': round(s.model_steps * s.model_batch / dt, 1), 'batch': s.model_batch,
-            'steps': s.model_steps, 'warmup_s': round(warm, 3),
-            'precision': str(dtype).replace('torch.', ''), 'channels_last': channels_last,
-            'width': s.model_width}
-
-
-def bench_full_epoch(s: Settings) -> dict:
-    """Loader + model: the real training loop's structure, timing the wait for each batch."""
-    from ffcv_pipeline.loaders import make_loader, train_pipeline
-    from ffcv_pipeline.ops import AugmentationState
-    from training.trainer import beton_labels, resolve_precision
-
-    dev = s.dev
-    dtype = resolve_precision('auto', dev)
-    state = AugmentationState(0)
-    n_total = len(beton_labels(s.train_beton))
-    batch = s.batch_size if dev.type == 'cuda' else s.model_batch
-    loader = make_loader(s.train_beton, batch_size=batch, num_workers=s.workers, order='quasi_random',
-                         os_cache=True, drop_last=True, state=state,
-                         indices=_subset(n_total, s.epoch_images),
-                         pipelines=train_pipeline(device=dev, dtype=dtype, state=state, cutout=8))
-    _, train_step = _train_setup(s, dtype)
-
-    def epoch(e):
-        wait, n = 0.0, 0
-        t_epoch = time.perf_counter()
-        it = loader.epoch(e)
-        while True:
-            t = time.perf_counter()
-            try:
-                x, y = next(it)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - t
-            train_step(x, y)
-            n += y.shape[0]
-        _sync(dev)
-        return n, time.perf_counter() - t_epoch, wait
-
-    t0 = time.perf_counter()
-    epoch(0)  # warm-up: numba compilation, cuDNN autotuning
-    warm = time.perf_counter() - t0
-    n, dt, wait = epoch(1)
-    return {'images': n, 'batch': batch, 'epoch_s': round(dt, 3), 'images_per_s': round(n / dt, 1),
-            'data_wait_s': round(wait, 4), 'data_wait_fraction': round(wait / dt, 5),
-            'warmup_epoch_s': round(warm, 3), 'precision': str(dtype).replace('torch.', ''),
-            'width': s.model_width}
-
-
-def bench_conversion(archive: Path, tmp: Path) -> dict:
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'write_datasets.py'), '--source', str(archive),
-                        '--out', str(tmp), '--force', '--quiet'], capture_output=True, text=True)
-    dt = time.perf_counter() - t
-    if r.returncode != 0:
-        raise RuntimeError(f'conversion failed: {r.stderr.strip()}')
-    m = json.loads((tmp / 'manifest.json').read_text())
+        if r.returncode != 0:
+            raise RuntimeError(f'conversion failed: {r.stderr.strip()}')
+        m = json.loads((Path(tmp) / 'manifest.json').read_text())
     return {'seconds': round(dt, 3), 'images': sum(v['count'] for v in m['splits'].values()),
-            'command': f'python scripts/write_datasets.py --source {archive} --out {tmp} --force --quiet'}
+            'command': f'python scripts/write_datasets.py --source {archive} --out DIR --force --quiet'}
 
 
 def environment(dev: torch.device) -> dict:
@@ -315,101 +258,45 @@ def environment(dev: torch.device) -> dict:
         cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'python': platform.python_version(),
+    return {'cpu': cpu, 'cores': usable_cores(), 'python': platform.python_version(),
             'gpu': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else None,
             'torch': str(torch.__version__), 'torchvision': version('torchvision'),
-            'ffcv': version('ffcv'), 'numba': version('numba'), 'numpy': version('numpy'),
-            'torch_threads': torch.get_num_threads()}
+            'ffcv': ffcv_version(), 'numba': version('numba'), 'numpy': version('numpy'),
+            'torch_threads': torch.get_num_threads(), 'date': time.strftime('%Y-%m-%d')}
 
 
-def run_benchmark(s: Settings, log=print, compare_ops: bool = True) -> dict:
-    s = s.resolved()
+def run_benchmark(s: Settings, log=print) -> dict:
+    b = Bench(s)
     res: dict = {'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()},
-                 'environment': environment(s.dev)}
-    log(f'FFCV loader: batch {s.batch_size}, {s.workers} workers ...')
-    res['loader_ffcv'] = bench_ffcv_loader(s)
-    if compare_ops:
+                 'environment': environment(b.dev), 'loaders': {}, 'full_epoch': {}}
+    for kind in s.loaders:
+        log(f'loader: {kind}, batch {b.cfg.data.batch_size}, {b.workers} workers ...')
+        res['loaders'][kind] = b.loader(kind)
+    rate = {k: v['images_per_s_median'] for k, v in res['loaders'].items()}
+    res['loader_speedup'] = {f'ffcv/{k}': round(rate['ffcv'] / rate[k], 2)
+                             for k in rate if k != 'ffcv' and 'ffcv' in rate}
+    if s.compare_ops and 'ffcv' in s.loaders:
         log('augmentation ops: ours vs FFCV built-in (uint8 out) ...')
-        res['augmentation_ops'] = bench_augmentation_ops(s)
-    images, labels = read_beton_arrays(s.train_beton, s.loader_images)
-    log(f'torchvision loader: batch {s.batch_size}, {s.workers} workers ...')
-    res['loader_torchvision'] = bench_torchvision_loader(s, images, labels)
-    res['loader_speedup'] = round(res['loader_ffcv']['images_per_s_median'] /
-                                  res['loader_torchvision']['images_per_s_median'], 2)
+        res['augmentation_ops'] = b.augmentation_ops()
     log('model step ...')
-    from training.trainer import resolve_precision
-    amp = resolve_precision('auto', s.dev)  # fp32 on the CPU
-    res['model_step'] = bench_model_step(s, dtype=amp, channels_last=True)
-    if s.dev.type == 'cuda':
-        res['model_step_fp32_nchw'] = bench_model_step(s, dtype=torch.float32, channels_last=False)
+    cl = use_channels_last(b.cfg.model.channels_last, b.dev, b.cfg.model.width)
+    res['model_step'] = b.model_step(dtype=b.dtype, channels_last=cl)
+    if b.cuda:
+        res['model_step_fp32_nchw'] = b.model_step(dtype=torch.float32, channels_last=False)
         res['amp_channels_last_speedup'] = round(res['model_step']['images_per_s'] /
                                                  res['model_step_fp32_nchw']['images_per_s'], 2)
-    log('full epoch (loader + model) ...')
-    res['full_epoch'] = bench_full_epoch(s)
-    fe, ld = res['full_epoch'], res['loader_ffcv']
-    res['verdict'] = ('loader-bound' if ld['images_per_s_median'] < res['model_step']['images_per_s']
-                      or fe['data_wait_fraction'] > 0.05 else 'compute-bound')
+    if s.compile if s.compile is not None else b.cuda:
+        log('model step, torch.compile ...')
+        res['model_step_compiled'] = b.model_step(dtype=b.dtype, channels_last=cl, compile=True)
+        res['compile_speedup'] = round(res['model_step_compiled']['images_per_s'] /
+                                       res['model_step']['images_per_s'], 2)
+    for kind in [k for k in s.loaders if k != 'classic'][:None if b.cuda else 1]:
+        log(f'full epoch ({kind} loader + step) ...')
+        res['full_epoch'][kind] = b.full_epoch(kind)
+    first = next(iter(res['full_epoch'].values()), None)
+    if first is not None:
+        res['verdict'] = 'loader-bound' if first['data_wait_fraction'] > 0.05 else 'compute-bound'
     if s.archive is not None and Path(s.archive).is_file():
-        import tempfile
         log('conversion ...')
-        with tempfile.TemporaryDirectory() as tmp:
-            res['conversion'] = bench_conversion(Path(s.archive), Path(tmp))
+        res['conversion'] = bench_conversion(Path(s.archive))
     return res
-
-
-def format_table(res: dict) -> str:
-    f, t = res['loader_ffcv'], res['loader_torchvision']
-    rows = [('what', 'images/s (median)', 'min-max / notes')]
-    rows.append(('loader: FFCV (JIT aug + normalize)', f'{f["images_per_s_median"]:,.0f}',
-                 f'{f["images_per_s_min"]:,.0f}-{f["images_per_s_max"]:,.0f}; warm-up {f["warmup_epoch_s"]:.1f} s'))
-    rows.append(('loader: torchvision DataLoader', f'{t["images_per_s_median"]:,.0f}',
-                 f'{t["images_per_s_min"]:,.0f}-{t["images_per_s_max"]:,.0f}; warm-up {t["warmup_epoch_s"]:.1f} s'))
-    rows.append(('loader speed-up FFCV / torchvision', f'{res["loader_speedup"]:.1f}x', ''))
-    if 'augmentation_ops' in res:
-        a = res['augmentation_ops']
-        rows.append(('aug ops only, uint8 out: ours / FFCV built-in', f'{a["ours"]:,.0f}',
-                     f'FFCV built-in {a["ffcv_builtin"]:,.0f}: {a["speedup"]:.1f}x'))
-    m = res['model_step']
-    rows.append((f'model step ({m["precision"]}, channels-last, batch {m["batch"]})',
-                 f'{m["images_per_s"]:,.1f}', f'{m["steps"]} steps, synthetic tensors'))
-    if 'model_step_fp32_nchw' in res:
-        m2 = res['model_step_fp32_nchw']
-        rows.append(('model step (fp32, NCHW)', f'{m2["images_per_s"]:,.1f}',
-                     f'AMP+channels-last speed-up {res["amp_channels_last_speedup"]:.2f}x'))
-    e = res['full_epoch']
-    rows.append((f'full epoch: loader + model ({e["images"]:,} images)', f'{e["images_per_s"]:,.1f}',
-                 f'data wait {100 * e["data_wait_fraction"]:.2f}% of {e["epoch_s"]:.1f} s -> {res["verdict"]}'))
-    if 'conversion' in res:
-        c = res['conversion']
-        rows.append((f'conversion ({c["images"]:,} images)', f'{c["images"] / c["seconds"]:,.0f}',
-                     f'{c["seconds"]:.1f} s wall-clock'))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [' | '.join(r[i].ljust(w[i]) for i in range(3)) for r in rows]
-    lines.insert(1, '-+-'.join('-' * x for x in w))
-    env = res['environment']
-    head = (f"{env['cpu']} ({env['cores']} cores), GPU: {env['gpu'] or 'none'}; torch {env['torch']}, "
-            f"ffcv {env['ffcv']}, numba {env['numba']}")
-    return head + '\n' + '\n'.join(lines)
-
-
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    labels = ['FFCV loader', 'torchvision loader', 'model step', 'full epoch']
-    values = [res['loader_ffcv']['images_per_s_median'], res['loader_torchvision']['images_per_s_median'],
-              res['model_step']['images_per_s'], res['full_epoch']['images_per_s']]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.barh(labels, values, color=['C0', 'C1', 'C2', 'C3'])
-    ax.set_xscale('log')
-    ax.set_xlabel('images/s (log scale)')
-    ax.bar_label(bars, labels=[f'{v:,.0f}' for v in values], padding=3)
-    env = res['environment']
-    ax.set_title(f"{env['gpu'] or env['cpu']} ({env['cores']} cores): FFCV {res['loader_speedup']:.1f}x torchvision")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def default_train_beton() -> Path:
-    return ROOT / 'data_beton' / BETON_NAMES['train']
