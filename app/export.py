@@ -240,8 +240,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
             backend = 'onnx' if onnx else 'torch'
             _stage_space(stage, ckpt, backend, [p for p in images if isinstance(p, Path)][:12])
             log(f'Space folder ({backend} backend): run it with `cd {out} && python app.py`')
-        manifest['files'] = sorted(str(p.relative_to(stage)) for p in stage.rglob('*')
-                                   if p.is_file()) + [MANIFEST]
+        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*')
+                                    if p.is_file()] + [MANIFEST])
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
         _publish(stage, out)
     except BaseException:
