@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                     help='torch.compile the model first (~1.4x faster per image; 5-30 s to '
                          'start; default off)')
+    ap.add_argument('--threads', type=int, metavar='N',
+                    help='intra-op threads for the model (default: one per core)')
     ap.add_argument('--benchmark', type=int, metavar='N', default=0,
                     help='time N single-image predictions of the first IMG and print p50/p95')
     return ap.parse_args(argv)
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
     path = resolve_checkpoint(args.checkpoint)
     if path is None:
         raise ModelFileError(NO_CHECKPOINT_MESSAGE)
-    predictor = Predictor(path, backend=args.backend, compile_model=args.compile)
+    predictor = Predictor(path, backend=args.backend, compile_model=args.compile,
+                          num_threads=args.threads)
     if args.benchmark:
         result = latency(predictor, args.images[0], args.benchmark)
         print(json.dumps(result) if args.json else

@@ -13,9 +13,7 @@ is missing; selenium-manager is never used (it would try to download a driver).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import urllib.request
@@ -28,7 +26,7 @@ from PIL import Image
 from app.export import export
 from app.loadtest import launch_in_thread, run_load, serve_app
 from app.predictor import Predictor
-from test_predictor import make_test_checkpoint
+from test_predictor import load_script, make_test_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_COMPILE = {'COMPILE_MODEL': '0'}  # for the apps started only to check one thing
@@ -258,18 +256,6 @@ def test_load_200_predictions_at_concurrency_8(app_url, images):
     assert result['errors'] == 0, result['error_examples']
     assert result['throughput_rps'] >= MIN_THROUGHPUT_RPS, result
     assert result['p95_ms'] <= MAX_P95_MS, result
-
-
-def load_script(name: str):
-    """scripts/<name>.py as a module (its `from _cli import run` needs scripts/ on the path
-    only while it loads)."""
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(ROOT / 'scripts'))
-    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    mp.undo()
-    return module
 
 
 def test_loadtest_script_writes_json(app_url, images, tmp_path, capsys):

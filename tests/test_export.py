@@ -10,7 +10,6 @@ which trains one with scripts/train.py on a small synthetic data set.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,35 +24,16 @@ import torch
 import app.export as export_module
 from app.predictor import Predictor
 from conftest import build_archive, make_split
-from test_predictor import make_test_checkpoint, rgb
+from test_predictor import make_test_checkpoint, rgb, script_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def load_script(name: str):
-    """scripts/<name>.py as a module (its `from _cli import run` needs scripts/ on the path
-    only while it loads)."""
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(ROOT / 'scripts'))
-    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    mp.undo()
-    return module
-
-
 @pytest.fixture(scope='module')
 def export_cli():
     """scripts/export.py through the scripts' error wrapper, in process: (code, stdout, stderr)."""
-    module = load_script('export')
-
-    def call(capsys, *args):
-        with pytest.raises(SystemExit) as e:
-            module.run(lambda: module.main([str(a) for a in args]))
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-    return call
+    return script_runner('export')
 
 
 @pytest.fixture(scope='module')

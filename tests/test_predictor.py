@@ -12,7 +12,7 @@ run once per backend.
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import io
 import json
 import os
@@ -553,16 +553,23 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
 # --------------------------------------------------------------------------- CLI
 
-@pytest.fixture(scope='module')
-def predict_cli():
-    """scripts/predict.py's ``main`` run in this process through the scripts' one error wrapper
-    (``_cli.run``): returns (exit code, stdout, stderr). No interpreter start per case."""
+def load_script(name: str):
+    """scripts/<name>.py as a module, without running it (its `from _cli import run` needs
+    scripts/ on the path only while it loads)."""
     mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(ROOT / 'scripts'))  # only while loading: `from _cli import run`
-    spec = importlib.util.spec_from_file_location('predict_script', ROOT / 'scripts' / 'predict.py')
+    mp.syspath_prepend(str(ROOT / 'scripts'))
+    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / 'scripts' / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     mp.undo()
+    return module
+
+
+def script_runner(name: str):
+    """scripts/<name>.py's ``main`` run in this process through the scripts' one error wrapper
+    (``_cli.run``): ``call(capsys, *args)`` -> (exit code, stdout, stderr). No interpreter
+    start per case."""
+    module = load_script(name)
 
     def call(capsys, *args):
         with pytest.raises(SystemExit) as e:
@@ -570,6 +577,11 @@ def predict_cli():
         out = capsys.readouterr()
         return e.value.code, out.out, out.err
     return call
+
+
+@pytest.fixture(scope='module')
+def predict_cli():
+    return script_runner('predict')
 
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
