@@ -247,5 +247,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    log(f'wrote {out}/ ({", ".join(f for f in manifest["files"] if "/" not in f)})')
+    top = sorted({f.split('/')[0] + ('/' if '/' in f else '') for f in manifest['files']})
+    log(f'wrote {out}/ ({", ".join(top)})')
     return manifest

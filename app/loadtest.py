@@ -45,7 +45,8 @@ def serve_app(checkpoint: str | os.PathLike | None, *, host: str = '127.0.0.1',
     """Run ``python app/app.py`` in a subprocess; yields its URL once it answers, stops it after.
 
     ``checkpoint=None`` runs it without ``--checkpoint`` (it then resolves one itself); ``args``
-    are more command-line arguments. The app's output goes to a log file whose tail is in the
+    are more command-line arguments; ``env`` is added to this process's environment (a value
+    of None removes the variable). The app's output goes to a log file whose tail is in the
     error if it fails to start, and into ``log`` (a list, if given) when it stops. A free port
     can be taken by another process between :func:`free_port` and the app binding it: then
     the app is started again on another port (3 tries).
@@ -69,9 +70,9 @@ def _app_process(checkpoint, host, port, timeout, env, app_file, args, log):
         cmd += ['--checkpoint', str(checkpoint)]
     url = f'http://{host}:{port}'
     with tempfile.TemporaryFile('w+') as logf:
+        full_env = {**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False', **(env or {})}
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                env={**os.environ, 'GRADIO_ANALYTICS_ENABLED': 'False',
-                                     **(env or {})})
+                                env={k: v for k, v in full_env.items() if v is not None})
         try:
             deadline = time.monotonic() + timeout
             while True:

