@@ -14,10 +14,11 @@ Upload, paste or photograph an image -> top-5 classes (gr.Label), the superclass
 was done to the input; a panel describes the model. Bad input (not an image, corrupt, empty,
 > 50 megapixels) gives a message in the page and the app keeps serving.
 
-Load test, 200 requests at concurrency 8 through gradio_client on the 2-core CPU (idle):
-    python scripts/loadtest_app.py --checkpoint rn18.pt
-    -> 0 errors, p50 ~215 ms, p95 ~300-330 ms, ~35 req/s (one prediction at a time, so a
-       request mostly waits for those ahead of it; docs/BENCHMARKS.md "Serving").
+Load test, 200 requests at concurrency 8 through gradio_client on the 2-core EPYC (idle):
+    python scripts/loadtest_app.py --checkpoint export/model.onnx    # or a .pt
+    -> 0 errors; ONNX Runtime p50 ~172 ms, p95 ~230 ms, 46-47 req/s; torch 25-36 req/s (one
+       prediction at a time, so a request mostly waits for those ahead of it;
+       docs/BENCHMARKS.md "Serving" and "Export / ONNX").
 """
 from __future__ import annotations
 

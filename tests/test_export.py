@@ -106,8 +106,12 @@ def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(export_cli, cap
     code, stdout, err = export_cli(capsys, training_ckpt, '--out', space, '--onnx', '--space', '--fp16')
     assert code == 0, err
     names = sorted(p.name for p in space.iterdir())
-    assert names == ['README.md', 'app.py', 'export.json', 'images.py', 'model.onnx',
-                     'modelmeta.py', 'onnx_backend.py', 'predictor.py', 'requirements.txt']
+    # the gallery comes from data_beton/examples (the converter writes it) when there is one
+    examples = sorted(p.name for p in (ROOT / 'data_beton' / 'examples').glob('*.png'))[:12]
+    assert names == sorted(['README.md', 'app.py', 'export.json', 'images.py', 'model.onnx',
+                            'modelmeta.py', 'onnx_backend.py', 'predictor.py',
+                            'requirements.txt'] + (['examples'] if examples else []))
+    assert sorted(p.name for p in (space / 'examples').glob('*')) == examples
     ratio = (space / 'model.onnx').stat().st_size / (fp32 / 'model.onnx').stat().st_size
     assert 0.45 < ratio < 0.55, ratio
     probe = ('import sys, json\n'
