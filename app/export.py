@@ -198,6 +198,10 @@ def _publish(stage: Path, out: Path) -> list[str]:
         os.replace(stage / rel, out / rel)
     for rel in stale:
         (out / rel).unlink(missing_ok=True)
+        for folder in (out / rel).parents:  # and the folders it leaves empty (model/)
+            if folder == out or any(folder.iterdir()):
+                break
+            folder.rmdir()
     shutil.rmtree(stage, ignore_errors=True)
     return files
 

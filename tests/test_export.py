@@ -200,7 +200,7 @@ def test_reexport_into_a_space_clone_replaces_only_its_own_files(export_cli, cap
     assert (space / 'model.pt').is_file() and (space / 'model' / 'resnet.py').is_file()
     assert export_cli(capsys, training_ckpt, '--out', space, '--onnx', '--space')[0] == 0
     assert (space / 'model.onnx').is_file() and not (space / 'model.pt').exists()
-    assert not (space / 'model' / 'resnet.py').exists() and not (space / 'torch_backend.py').exists()
+    assert not (space / 'model').exists() and not (space / 'torch_backend.py').exists()
     assert (space / '.git' / 'HEAD').read_text() == 'ref: refs/heads/main\n'
     assert (space / '.gitattributes').read_text() == '*.onnx filter=lfs\n'
     assert no_leftovers(tmp_path) == []
