@@ -37,3 +37,13 @@ app: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# make export: the newest runs/*/best.pt (or CHECKPOINT=...) -> a torch-free Space folder in
+# dist/space (EXPORT_DIR=...); EXPORT_ARGS='--onnx' for model.pt + model.onnx only.
+.PHONY: export
+CHECKPOINT ?= $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
+EXPORT_DIR ?= dist/space
+EXPORT_ARGS ?= --onnx --space
+export: setup
+	@test -n "$(CHECKPOINT)" || { echo "error: no runs/*/best.pt; train one (make run) or give CHECKPOINT=path" >&2; exit 2; }
+	$(PY) scripts/export.py "$(CHECKPOINT)" --out "$(EXPORT_DIR)" $(EXPORT_ARGS)

@@ -3,19 +3,22 @@
     python app/app.py                                   # http://127.0.0.1:7860
     python app/app.py --checkpoint runs/rn18/best.pt --host 0.0.0.0 --port 8080
 
-Checkpoint: ``--checkpoint``, else ``$MODEL_PATH``, else the newest ``runs/*/best.pt``, else
-``model.pt`` beside this file. A broken ``--checkpoint`` is an error (exit 2); without any
-checkpoint the app still starts and the page says how to train one. The model is compiled
-at start-up (``--no-compile`` / ``COMPILE_MODEL=0`` to skip).
+Model: ``--checkpoint`` (a training or exported ``.pt``, or an exported ``.onnx``), else
+``$MODEL_PATH``, else ``model.onnx`` / ``model.pt`` beside this file (an exported Space folder),
+else the newest ``runs/*/best.pt``. A broken ``--checkpoint`` is an error (exit 2); without any
+model the app still starts and the page says how to train one. A torch model is compiled at
+start-up (``--no-compile`` / ``COMPILE_MODEL=0`` to skip); an ``.onnx`` one is served by ONNX
+Runtime, without torch.
 
 Upload, paste or photograph an image -> top-5 classes (gr.Label), the superclass, notes on what
 was done to the input; a panel describes the model. Bad input (not an image, corrupt, empty,
 > 50 megapixels) gives a message in the page and the app keeps serving.
 
-Load test, 200 requests at concurrency 8 through gradio_client on the 2-core CPU (idle):
-    python scripts/loadtest_app.py --checkpoint rn18.pt
-    -> 0 errors, p50 ~215 ms, p95 ~300-330 ms, ~35 req/s (one prediction at a time, so a
-       request mostly waits for those ahead of it; docs/BENCHMARKS.md "Serving").
+Load test, 200 requests at concurrency 8 through gradio_client on the 2-core EPYC (idle):
+    python scripts/loadtest_app.py --checkpoint export/model.onnx    # or a .pt
+    -> 0 errors; ONNX Runtime p50 ~172 ms, p95 ~230 ms, 46-47 req/s; torch 25-36 req/s (one
+       prediction at a time, so a request mostly waits for those ahead of it;
+       docs/BENCHMARKS.md "Serving" and "Export / ONNX").
 """
 from __future__ import annotations
 
@@ -26,28 +29,21 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if __package__:  # imported as app.app (tests, `python -m app.app`)
-    from .predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, ImageError, Predictor,
+try:
+    from .predictor import (NO_CHECKPOINT_MESSAGE, BACKENDS, ImageError, ModelFileError, Predictor,
                             format_seconds, resolve_checkpoint)
-else:  # run as a file: `python app/app.py` in the repo, or `python app.py` in a Space
-    # `model/` sits in the repository root (parent of app/), or beside app.py in a Space.
-    for _p in (HERE, HERE.parent):
-        if (_p / 'model' / 'checkpoint.py').is_file():
-            if str(_p) not in sys.path:
-                sys.path.insert(0, str(_p))
-            break
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from predictor import (NO_CHECKPOINT_MESSAGE, CheckpointError, ImageError, Predictor,
+except ImportError:  # run as a file: `python app/app.py` (the package is installed, so `model`
+    # imports), or `python app.py` in a Space folder; either way this file's folder is sys.path[0]
+    from predictor import (NO_CHECKPOINT_MESSAGE, BACKENDS, ImageError, ModelFileError, Predictor,
                            format_seconds, resolve_checkpoint)
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
 log = logging.getLogger('app')
 logging.getLogger('httpx').setLevel(logging.WARNING)  # one line per request otherwise
 TOPK = 5
 MAX_FILE_SIZE = '50mb'  # uploads above this are refused by Gradio before reaching us
+HERE = Path(__file__).resolve().parent
 EXAMPLE_DIRS = (HERE / 'examples', HERE.parent / 'data_beton' / 'examples')
 # System fonts only: the default theme fetches Google Fonts, which an offline machine can't reach.
 THEME = gr.themes.Soft(font=['ui-sans-serif', 'system-ui', 'sans-serif'],
@@ -96,6 +92,7 @@ def model_panel(predictor: Predictor | None, problem: str | None = None) -> str:
     rows = [('Architecture', arch), ('Parameters', f'{i["parameters"]:,}'),
             ('Test top-1', pct(i['test_top1'])), ('Test top-5', pct(i['test_top5'])),
             ('Epochs', epochs), ('Training time', format_seconds(i['train_seconds'])),
+            ('Runtime', i['backend']),
             ('Checkpoint', f'`{Path(i["checkpoint"]).name}`' if i['checkpoint'] else 'in memory'),
             ('Created', i['created'] or 'n/a')]
     return '### Model\n\n' + '\n'.join(f'- **{k}:** {v}' for k, v in rows)
@@ -163,8 +160,11 @@ def build_app(predictor: Predictor | None, *, problem: str | None = None,
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description='Serve the CIFAR-100 classifier with Gradio.')
-    ap.add_argument('--checkpoint', help='checkpoint file (default: $MODEL_PATH, else the newest '
-                                         'runs/*/best.pt, else model.pt beside app.py)')
+    ap.add_argument('--checkpoint', help='checkpoint (.pt) or exported model (.onnx); default: '
+                                         '$MODEL_PATH, else model.onnx or model.pt beside app.py, '
+                                         'else the newest runs/*/best.pt')
+    ap.add_argument('--backend', choices=BACKENDS,
+                    help='torch or onnx (default: by the file name, .onnx -> onnx)')
     # Spaces set GRADIO_SERVER_NAME=0.0.0.0; an explicit 127.0.0.1 would override it
     ap.add_argument('--host', default=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'),
                     help='address to bind (default 127.0.0.1: this machine only)')
@@ -178,16 +178,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load_predictor(checkpoint: str | None, *, compile_model: bool = False
-                   ) -> tuple[Predictor | None, str | None]:
-    """(predictor, None), or (None, why not) when no usable checkpoint was found implicitly.
-    An explicit ``--checkpoint`` that fails raises :class:`CheckpointError`."""
+def load_predictor(checkpoint: str | None, *, compile_model: bool = False,
+                   backend: str | None = None) -> tuple[Predictor | None, str | None]:
+    """(predictor, None), or (None, why not) when no usable model was found implicitly.
+    An explicit ``--checkpoint`` that fails raises :class:`ModelFileError`."""
     path = resolve_checkpoint(checkpoint)
     if path is None:
         return None, None
     try:
-        return Predictor(path, compile_model=compile_model), None
-    except CheckpointError as e:
+        return Predictor(path, compile_model=compile_model, backend=backend), None
+    except ModelFileError as e:
         if checkpoint:
             raise
         log.warning('%s', e)
@@ -198,14 +198,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     args = parse_args(argv)
     try:
-        predictor, problem = load_predictor(args.checkpoint, compile_model=args.compile)
-    except CheckpointError as e:
+        predictor, problem = load_predictor(args.checkpoint, compile_model=args.compile,
+                                            backend=args.backend)
+    except ModelFileError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if predictor is None:
         log.warning('%s', problem or NO_CHECKPOINT_MESSAGE)
     else:
-        log.info('serving %s', predictor.path)
+        log.info('serving %s with %s', predictor.path, predictor.backend.description)
     demo = build_app(predictor, problem=problem)
     demo.queue(max_size=256).launch(server_name=args.host, server_port=args.port,
                                     max_file_size=MAX_FILE_SIZE, theme=THEME, show_error=True)

@@ -16,6 +16,8 @@ A checkpoint is a dict saved with ``torch.save``::
     created           ISO time;  torch_version
     -- for resuming (absent from inference-only exports) --
     optimizer, scaler, rng {'python', 'numpy', 'torch', 'cuda'}, best_top1
+    -- only in inference-only exports (``slim_checkpoint``, ``scripts/export.py``) --
+    inference_only    True;  weights_dtype: 'float32' or 'float16'
 
 Inference (``app/``, ``scripts/predict.py``) needs only torch and this module: no ffcv.
 """
@@ -32,6 +34,7 @@ from .resnet import ARCHS, INPUT_SIZE, build_model
 FORMAT = 'cifar100-ffcv-checkpoint'
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
+RESUME_KEYS = ('optimizer', 'scaler', 'rng', 'best_top1')  # training state, not inference
 # The repository root (or, in a Hugging Face Space, the folder that holds model/); run folders
 # live in <root>/runs/<name>/ (training's output.dir default).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +126,16 @@ def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, 
         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'torch_version': str(torch.__version__), **extra,
     }
+
+
+def slim_checkpoint(ckpt: dict, *, fp16: bool = False) -> dict:
+    """The inference-only part of ``ckpt``: weights and metadata, without :data:`RESUME_KEYS`
+    (about half the file). ``fp16``: floating-point weights stored as float16 (half again);
+    ``model_from_checkpoint`` loads them into the float32 model as usual."""
+    slim = {k: v for k, v in ckpt.items() if k not in RESUME_KEYS}
+    if fp16:
+        slim['model'] = {k: v.half() if v.is_floating_point() else v
+                         for k, v in ckpt['model'].items()}
+    slim['inference_only'] = True
+    slim['weights_dtype'] = 'float16' if fp16 else 'float32'
+    return slim

@@ -1,8 +1,12 @@
-"""End-to-end tests of the Gradio app: a real server on 127.0.0.1, driven by a headless
+"""End-to-end tests of the Gradio app: real servers on 127.0.0.1, driven by a headless
 browser (Debian's chromium + chromedriver through selenium) and by gradio_client, plus the
-200-request load test at concurrency 8, the no-checkpoint page and the Space layout.
+200-request load test at concurrency 8, the no-checkpoint page and the exported Space folders.
 
-    .venv/bin/python -m pytest tests/test_app_e2e.py      # ~40 s on the 2-core CPU
+Two servers are shared by the module: the repository's ``app/app.py`` in its default mode
+(``torch.compile``d model: the test run pays 10-40 s of compilation once), and the folder
+``scripts/export.py --onnx --space`` writes, started with ``import torch`` made impossible.
+
+    .venv/bin/python -m pytest tests/test_app_e2e.py      # ~45 s on the 2-core CPU
 
 Browser tests skip (with the reason) when selenium, /usr/bin/chromium or /usr/bin/chromedriver
 is missing; selenium-manager is never used (it would try to download a driver).
@@ -10,10 +14,7 @@ is missing; selenium-manager is never used (it would try to download a driver).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -22,14 +23,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.export import export
+from app.loadtest import launch_in_thread, run_load, serve_app
 from app.predictor import Predictor
-from test_predictor import make_test_checkpoint
+from test_predictor import load_script, make_test_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / 'scripts'))  # appended: nothing else gets shadowed
-# The app compiles its model by default (5-30 s at start-up); these tests start it many times.
-os.environ.setdefault('COMPILE_MODEL', '0')
-from loadtest_app import free_port, run_load, serve_app  # noqa: E402
+NO_COMPILE = {'COMPILE_MODEL': '0'}  # for the apps started only to check one thing
+# The load test's floors, chosen from measurements on the 2-core EPYC (docs/BENCHMARKS.md
+# "Export / ONNX"): idle, 200 requests at concurrency 8 run at 25-47 req/s (torch eager to
+# ONNX Runtime) with p95 0.23-0.47 s; with two CPU-bound processes competing for both cores,
+# 11-19 req/s (torch eager) and 13-28 req/s (ONNX), p95 0.34-0.93 s. The floors sit at about
+# half the worst contended figures, so a busy CI machine passes while a per-request stall of
+# >= ~150 ms (a model reload, a recompile, a sleep) or a request stuck for seconds fails.
+MIN_THROUGHPUT_RPS = 6.0
+MAX_P95_MS = 3000.0
 
 CHROMIUM, CHROMEDRIVER = Path('/usr/bin/chromium'), Path('/usr/bin/chromedriver')
 TRAIN_HINT = 'python scripts/train.py --config rn18.yaml'
@@ -73,15 +81,48 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope='module')
 def app_url(ckpt):
-    with serve_app(ckpt) as url:
+    """The repository's app as `python app/app.py --checkpoint X` runs it: its default mode,
+    which compiles the model (COMPILE_MODEL unset). Up to 5 minutes: a cold compile cache."""
+    with serve_app(ckpt, env={'COMPILE_MODEL': None}, timeout=300) as url:
         yield url
+
+
+@pytest.fixture(scope='module')
+def torch_blocker(tmp_path_factory) -> Path:
+    """A folder to put first on PYTHONPATH: its sitecustomize makes `import torch` fail."""
+    d = tmp_path_factory.mktemp('no_torch')
+    (d / 'sitecustomize.py').write_text(
+        "import sys\nsys.modules['torch'] = None  # importing torch now raises ImportError\n")
+    return d
+
+
+@pytest.fixture(scope='module')
+def onnx_space(ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('spaces') / 'onnx-space'
+    export(ckpt, out, onnx=True, space=True, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope='module')
+def space_url(onnx_space, torch_blocker):
+    """The exported --onnx --space folder run as a Space runs it (`python app.py`, no
+    arguments), in an interpreter where torch cannot be imported."""
+    env = {'PYTHONPATH': str(torch_blocker), 'MODEL_PATH': ''}
+    with serve_app(None, app_file=onnx_space / 'app.py', env=env) as url:
+        yield url
+
+
+@pytest.fixture(params=['repo-app', 'onnx-space'])
+def served(request) -> str:
+    """The browser tests run against both servers."""
+    return request.getfixturevalue({'repo-app': 'app_url', 'onnx-space': 'space_url'}[request.param])
 
 
 def make_client(url):
     import ssl
     from gradio_client import Client
     return Client(url, verbose=False, download_files=False, analytics_enabled=False,
-                  ssl_verify=ssl.create_default_context())  # see loadtest_app.run_load
+                  ssl_verify=ssl.create_default_context())  # see app.loadtest.run_load
 
 
 # --------------------------------------------------------------------------- browser
@@ -141,8 +182,8 @@ def text_of(driver, elem_id: str) -> str:
     return driver.find_element(By.ID, elem_id).text
 
 
-def test_browser_upload_shows_top5(app_url, browser, reference, images):
-    open_page(browser, app_url)
+def test_browser_upload_shows_top5(served, browser, reference, images):
+    open_page(browser, served)
     panel = text_of(browser, 'model-info')
     assert 'resnet18' in panel and '11,220,132' in panel and '75.12%' in panel and '13m 32s' in panel
     upload(browser, images['photo'])
@@ -152,13 +193,13 @@ def test_browser_upload_shows_top5(app_url, browser, reference, images):
     assert f'Superclass: {expect.superclass}' in text_of(browser, 'superclass')
 
 
-def test_browser_bad_upload_shows_message_and_app_keeps_serving(app_url, browser, reference, images):
-    open_page(browser, app_url)
+def test_browser_bad_upload_shows_message_and_app_keeps_serving(served, browser, reference, images):
+    open_page(browser, served)
     upload(browser, images['corrupt'])
     status = wait_for(browser, lambda d: text_of(d, 'status') or None)
     assert 'Could not classify this image' in status and 'corrupt.png: corrupt or unreadable' in status
     assert shown_labels(browser) == []
-    open_page(browser, app_url)  # a new visitor: the server is still up and answering
+    open_page(browser, served)  # a new visitor: the server is still up and answering
     upload(browser, images['good1'])
     labels = wait_for(browser, lambda d: (lambda ls: ls if len(ls) == 5 else None)(shown_labels(d)))
     assert labels == [n for n, _ in reference.predict(images['good1']).classes]
@@ -187,37 +228,78 @@ def test_bad_inputs_through_the_api_give_messages(app_url, images, reference):
     client.close()
 
 
+def test_app_default_mode_compiles_and_predicts(app_url, reference, images):
+    """The app as started without COMPILE_MODEL=0 serves a torch.compile'd model (the model
+    panel says so) and its top-5 match the eager model's. Catches: the default turned off,
+    or a compile failure silently falling back to eager."""
+    with urllib.request.urlopen(app_url + '/config', timeout=10) as r:
+        config = r.read().decode()
+    assert 'BatchNorm folded, compiled' in config
+    client = make_client(app_url)
+    from gradio_client import handle_file
+    for key in ('good0', 'photo'):
+        label, _, _ = client.predict(handle_file(images[key]), api_name='/predict')
+        assert [c['label'] for c in label['confidences']] == \
+            [n for n, _ in reference.predict(images[key]).classes]
+    client.close()
+
+
 def test_load_200_predictions_at_concurrency_8(app_url, images):
+    """200 requests at concurrency 8: no errors, at least MIN_THROUGHPUT_RPS and p95 within
+    MAX_P95_MS (how they were chosen: top of this file). Catches: a per-request stall (a
+    0.2 s sleep in the handler: ~4 req/s), or a queue that drops requests."""
     goods = [str(images[f'good{i}']) for i in range(4)]
     result = run_load(app_url, goods, n=200, concurrency=8)
     print(f"\nload test: {result['n']} requests, concurrency {result['concurrency']}: "
           f"{result['errors']} errors, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
           f"{result['throughput_rps']} req/s")
     assert result['errors'] == 0, result['error_examples']
-    assert 0 < result['p50_ms'] <= result['p95_ms'] <= result['max_ms']
+    assert result['throughput_rps'] >= MIN_THROUGHPUT_RPS, result
+    assert result['p95_ms'] <= MAX_P95_MS, result
 
 
-def test_loadtest_script_writes_json(app_url, images, tmp_path):
+def test_loadtest_script_writes_json(app_url, images, tmp_path, capsys):
     out = tmp_path / 'lt.json'
-    r = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'loadtest_app.py'), '--url', app_url,
-                        '-n', '16', '--concurrency', '4', '--images', str(images['good0']),
-                        '--out', str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert '16 requests at concurrency 4: 0 errors' in r.stdout
+    script = load_script('loadtest_app')
+    code = script.main(['--url', app_url, '-n', '16', '--concurrency', '4', '--images',
+                        str(images['good0']), '--out', str(out)])
+    assert code == 0
+    assert '16 requests at concurrency 4: 0 errors' in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data['errors'] == 0 and data['n'] == 16 and data['p50_ms'] <= data['p95_ms']
 
 
 # --------------------------------------------------------------------------- no model, CLI, Space
 
-def test_without_checkpoint_the_page_says_how_to_train():
-    from app.app import build_app
-    demo = build_app(None, examples=[])
-    port = free_port()
-    demo.queue().launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True,
-                        quiet=True)
-    try:
-        url = f'http://127.0.0.1:{port}'
+@pytest.fixture
+def first_port_taken(monkeypatch):
+    """The next free_port() returns a port another socket is listening on (what losing the
+    race between picking a port and binding it looks like), later ones are really free."""
+    import socket
+    import app.loadtest as loadtest
+    real = loadtest.free_port
+    holder = socket.socket()
+    holder.bind(('127.0.0.1', 0))
+    holder.listen()
+    ports = [holder.getsockname()[1]]
+    monkeypatch.setattr(loadtest, 'free_port', lambda host='127.0.0.1': ports.pop() if ports else real(host))
+    yield holder.getsockname()[1]
+    holder.close()
+
+
+def test_app_main_without_any_model_says_how_to_train(tmp_path, torch_blocker, first_port_taken):
+    """`python app.py` with no --checkpoint, no MODEL_PATH, no model beside it and no runs/:
+    it starts, the page and every prediction say how to train one. Catches: main() crashing
+    (or exiting) when resolve_checkpoint finds nothing. Its first port is taken: serve_app
+    must start it again on another (catches: no retry on a lost free-port race)."""
+    from app.export import SPACE_MODULES
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    for name in SPACE_MODULES['common'] + SPACE_MODULES['onnx'] + SPACE_MODULES['torch']:
+        shutil.copy(ROOT / 'app' / name, bare / name)
+    env = {'MODEL_PATH': '', 'PYTHONPATH': str(torch_blocker)}  # torch: not needed, not loaded
+    with serve_app(None, app_file=bare / 'app.py', env=env) as url:
+        assert not url.endswith(f':{first_port_taken}')
         with urllib.request.urlopen(url + '/config', timeout=10) as r:
             config = r.read().decode()
         assert 'No trained model found' in config and TRAIN_HINT in config
@@ -227,29 +309,32 @@ def test_without_checkpoint_the_page_says_how_to_train():
                                           api_name='/predict')
         assert 'No model loaded' in status and TRAIN_HINT in status
         client.close()
-    finally:
-        demo.close()
 
 
-def test_without_checkpoint_in_the_browser(browser):
+def test_without_checkpoint_in_the_browser(browser, first_port_taken):
+    """In process, on a second try: the first port launch_in_thread picks is taken."""
     from app.app import build_app
     from selenium.webdriver.common.by import By
     demo = build_app(None, examples=[])
-    port = free_port()
-    demo.queue().launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True,
-                        quiet=True)
+    url = launch_in_thread(demo)
+    assert not url.endswith(f':{first_port_taken}')
     try:
-        open_page(browser, f'http://127.0.0.1:{port}')
+        open_page(browser, url)
         text = browser.find_element(By.ID, 'no-model').text
         assert 'No trained model found' in text and TRAIN_HINT in text
     finally:
         demo.close()
 
 
-def test_app_bad_checkpoint_is_a_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / 'app' / 'app.py'), '--checkpoint',
-                        str(tmp_path / 'missing.pt')], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == f'error: {tmp_path / "missing.pt"}: no such checkpoint file'
+def test_app_bad_model_file_is_a_one_line_error(tmp_path, capsys):
+    from app.app import main
+    corrupt = tmp_path / 'corrupt.onnx'
+    corrupt.write_bytes(b'\x08\x07 not an onnx model' * 30)
+    for path, msg in ((tmp_path / 'missing.pt', 'no such checkpoint file'),
+                      (corrupt, 'not a readable ONNX model')):
+        assert main(['--checkpoint', str(path), '--no-compile']) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f'error: {path}: {msg}') and len(err.splitlines()) == 1, err
 
 
 def test_app_options_and_examples(tmp_path, monkeypatch):
@@ -276,17 +361,17 @@ def test_app_options_and_examples(tmp_path, monkeypatch):
 
 def test_load_predictor_explicit_vs_implicit(tmp_path, monkeypatch, ckpt):
     from app.app import load_predictor
-    from app.predictor import CheckpointError
+    from app.predictor import ModelFileError
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+    with pytest.raises(ModelFileError, match='not a readable checkpoint'):
         load_predictor(str(garbage))  # --checkpoint: fail fast (exit 2 in main)
     monkeypatch.setenv('MODEL_PATH', str(garbage))  # found implicitly: serve, and say why not
     predictor, problem = load_predictor(None)
     assert predictor is None and 'could not be loaded' in problem and TRAIN_HINT in problem
     monkeypatch.setenv('MODEL_PATH', str(ckpt))
     predictor, problem = load_predictor(None)
-    assert problem is None and predictor.path == ckpt
+    assert problem is None and predictor.path == ckpt and predictor.backend.name == 'torch'
 
 
 def test_uploaded_file_payloads(tmp_path):
@@ -307,16 +392,13 @@ def test_uploaded_file_payloads(tmp_path):
         uploaded_file({'path': None, 'url': None})
 
 
-def test_app_runs_in_a_space_layout(tmp_path, ckpt, images, reference):
-    """app/ as the Space root: app.py, predictor.py, model/ side by side, the checkpoint shipped
-    as model.pt, started with no arguments (as a Space runs it)."""
+def test_exported_torch_space_runs_on_its_own(tmp_path, ckpt, images, reference):
+    """The folder `scripts/export.py --space` writes (app modules, model/, model.pt) started as
+    a Space starts it: `python app.py`, no arguments, nothing from the repository on the path."""
     space = tmp_path / 'space'
-    space.mkdir()
-    for f in ('app.py', 'predictor.py', 'requirements.txt', 'README.md'):
-        shutil.copy(ROOT / 'app' / f, space / f)
-    shutil.copytree(ROOT / 'model', space / 'model', ignore=shutil.ignore_patterns('__pycache__'))
-    shutil.copy(ckpt, space / 'model.pt')
-    env = {'MODEL_PATH': '', 'PYTHONPATH': ''}  # nothing from the repository on the path
+    export(ckpt, space, space=True, log=lambda *_: None)
+    assert (space / 'model' / 'checkpoint.py').is_file() and not (space / 'model.onnx').exists()
+    env = {'MODEL_PATH': '', 'PYTHONPATH': '', **NO_COMPILE}
     with serve_app(None, app_file=space / 'app.py', env=env) as url:
         client = make_client(url)
         from gradio_client import handle_file
@@ -324,3 +406,23 @@ def test_app_runs_in_a_space_layout(tmp_path, ckpt, images, reference):
         assert [c['label'] for c in label['confidences']] == \
             [n for n, _ in reference.predict(images['good3']).classes]
         client.close()
+
+
+def test_exported_onnx_space_needs_no_torch(onnx_space, space_url, images, reference):
+    """The --onnx --space folder holds no torch code and no model.pt, its requirements name no
+    torch, and (served with torch unimportable) it predicts what the torch model predicts."""
+    names = {p.name for p in onnx_space.iterdir()}
+    assert {'app.py', 'predictor.py', 'model.onnx', 'requirements.txt', 'README.md'} <= names
+    assert not names & {'model.pt', 'model', 'torch_backend.py', 'export.py', 'loadtest.py'}
+    reqs = (onnx_space / 'requirements.txt').read_text()
+    pins = [line for line in reqs.splitlines() if '==' in line and not line.startswith('#')]
+    assert 'onnxruntime==1.32.0' in pins and not any(p.startswith('torch') for p in pins)
+    assert (onnx_space / 'README.md').read_text().startswith('---\ntitle: ')
+    client = make_client(space_url)
+    from gradio_client import handle_file
+    label, _, _ = client.predict(handle_file(images['photo']), api_name='/predict')
+    assert [c['label'] for c in label['confidences']] == \
+        [n for n, _ in reference.predict(images['photo']).classes]
+    with urllib.request.urlopen(space_url + '/config', timeout=10) as r:
+        assert 'ONNX Runtime' in r.read().decode()
+    client.close()

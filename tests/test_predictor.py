@@ -1,14 +1,18 @@
-"""Tests of app/predictor.py and scripts/predict.py: image modes and sizes, preprocessing equal
-to the training normalization, probabilities, checkpoint validation, bad inputs, the CLI.
+"""Tests of app/predictor.py (both backends: torch and ONNX Runtime), app/images.py and
+scripts/predict.py: image modes and sizes, preprocessing equal to the training normalization,
+probabilities, model-file validation, bad inputs, the CLI.
 
-    .venv/bin/python -m pytest tests/test_predictor.py            # ~30 s on the 2-core CPU
-    .venv/bin/python -m pytest tests/test_predictor.py -m slow    # 10 ms acceptance, ~20 s
+    .venv/bin/python -m pytest tests/test_predictor.py            # ~25 s on the 2-core CPU
+    .venv/bin/python -m pytest tests/test_predictor.py -m slow    # latency acceptance, ~1 min
 
 Checkpoints are built from untrained models (BatchNorm statistics randomized, so that folding
-BatchNorm into the convs is really exercised); no data set or GPU is needed.
+BatchNorm into the convs is really exercised); the ONNX models are exported from them with
+``app.export.onnx_bytes``. No data set or GPU is needed. Tests taking the ``predictor`` fixture
+run once per backend.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -20,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
-from app.predictor import (MAX_PIXELS, CheckpointError, ImageError, Predictor, fold_batchnorm,
-                           latency, normalize, prepare_image, resolve_checkpoint)
+from app.export import onnx_bytes
+from app.predictor import (MAX_PIXELS, ImageError, ModelFileError, Predictor, latency, normalize,
+                           prepare_image, resolve_checkpoint)
+from app.torch_backend import compile_for_cpu, fold_batchnorm
 from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
@@ -53,14 +59,36 @@ def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
     return path
 
 
+def make_test_onnx(ckpt_path: Path, out: Path, *, fp16: bool = False) -> Path:
+    """``ckpt_path`` exported as scripts/export.py --onnx does (graph + metadata)."""
+    out.write_bytes(onnx_bytes(torch.load(ckpt_path, weights_only=True), fp16=fp16))
+    return out
+
+
 @pytest.fixture(scope='module')
 def ckpt_path(tmp_path_factory) -> Path:
     return make_test_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny.pt')
 
 
 @pytest.fixture(scope='module')
-def predictor(ckpt_path) -> Predictor:
+def onnx_path(ckpt_path) -> Path:
+    return make_test_onnx(ckpt_path, ckpt_path.with_suffix('.onnx'))
+
+
+@pytest.fixture(scope='module')
+def torch_predictor(ckpt_path) -> Predictor:
     return Predictor(ckpt_path)
+
+
+@pytest.fixture(scope='module')
+def onnx_predictor(onnx_path) -> Predictor:
+    return Predictor(onnx_path)
+
+
+@pytest.fixture(scope='module', params=['torch', 'onnx'])
+def predictor(request) -> Predictor:
+    """Each test that takes it runs on both backends."""
+    return request.getfixturevalue(f'{request.param}_predictor')
 
 
 def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -194,12 +222,13 @@ def test_inputs_path_bytes_fileobj_pil_array_agree(predictor, tmp_path):
 
 def test_preprocessing_equals_training_normalization_exactly(predictor):
     batch = np.stack([rgb(32, 32, seed=s) for s in range(4)])
-    x = normalize(batch, CIFAR100_MEAN, CIFAR100_STD)
-    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    xn = normalize(batch, CIFAR100_MEAN, CIFAR100_STD)
+    assert xn.dtype == np.float32 and xn.shape == (4, 3, 32, 32)
+    x = torch.from_numpy(xn)
+    assert x.is_contiguous(memory_format=torch.channels_last)  # NHWC memory, no copy for torch
     # what the predictor feeds the model for a 32x32 RGB image
     xp, _ = predictor.preprocess(list(batch))
-    assert torch.equal(xp, x)
+    assert np.array_equal(xp, xn)
     # the formula, independently
     ref = (torch.from_numpy(batch).permute(0, 3, 1, 2).double()
            - torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
@@ -245,12 +274,12 @@ def test_batch_equals_single(predictor):
 def test_optimized_model_matches_plain(ckpt_path):
     fast, plain = Predictor(ckpt_path), Predictor(ckpt_path, optimize=False)
     # the optimization really happened: no BatchNorm left in the served model
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.model.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
-    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.backend.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.backend.model.modules())
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32), dtype=np.float32)
     lf, lp = fast.logits(x), plain.logits(x)
-    assert lp.abs().max() > 0.1  # non-trivial logits
-    torch.testing.assert_close(lf, lp, atol=1e-4, rtol=1e-4)
+    assert np.abs(lp).max() > 0.1  # non-trivial logits
+    np.testing.assert_allclose(lf, lp, atol=1e-4, rtol=1e-4)
     # fold_batchnorm keeps the original model untouched
     m = build_model(width=8).eval()
     fold_batchnorm(m)
@@ -260,38 +289,88 @@ def test_optimized_model_matches_plain(ckpt_path):
 # --------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_validation(tmp_path, ckpt_path):
-    with pytest.raises(CheckpointError, match='no such checkpoint'):
+    with pytest.raises(ModelFileError, match='no such checkpoint'):
         Predictor(tmp_path / 'missing.pt')
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'this is not a checkpoint' * 10)
-    with pytest.raises(CheckpointError, match='not a readable checkpoint'):
+    with pytest.raises(ModelFileError, match='not a readable checkpoint'):
         Predictor(garbage)
     wrong = tmp_path / 'wrong.pt'
     torch.save({'state_dict': {}, 'epoch': 3}, wrong)
-    with pytest.raises(CheckpointError, match='not a cifar100-ffcv-checkpoint'):
+    with pytest.raises(ModelFileError, match='not a cifar100-ffcv-checkpoint'):
         Predictor(wrong)
     ckpt = torch.load(ckpt_path, weights_only=True)
     newer = tmp_path / 'newer.pt'
     torch.save({**ckpt, 'format_version': 99}, newer)
-    with pytest.raises(CheckpointError, match='version 99 is newer'):
+    with pytest.raises(ModelFileError, match='version 99 is newer'):
         Predictor(newer)
     lacking = tmp_path / 'lacking.pt'
     torch.save({k: v for k, v in ckpt.items() if k != 'normalization'}, lacking)
-    with pytest.raises(CheckpointError, match='lacks normalization'):
+    with pytest.raises(ModelFileError, match='lacks normalization'):
         Predictor(lacking)
     misfit = tmp_path / 'misfit.pt'
     torch.save({**ckpt, 'model_config': {**ckpt['model_config'], 'width': 16}}, misfit)
-    with pytest.raises(CheckpointError, match='do not fit'):
+    with pytest.raises(ModelFileError, match='do not fit'):
         Predictor(misfit)
-    assert issubclass(CheckpointError, ValueError) and issubclass(ImageError, ValueError)
+    names = tmp_path / 'names.pt'
+    torch.save({**ckpt, 'class_names': ckpt['class_names'][:99]}, names)
+    with pytest.raises(ModelFileError, match='99 class names for a 100-class model'):
+        Predictor(names)
+    assert issubclass(ModelFileError, ValueError) and issubclass(ImageError, ValueError)
 
 
-def test_info_reports_the_checkpoint(predictor, ckpt_path):
+def test_onnx_model_validation(tmp_path, onnx_path):
+    """Corrupt, truncated, foreign and metadata-less ONNX files are refused with one line naming
+    the file. Catches: a backend that lets onnxruntime's own exception (a multi-line C++ message)
+    escape, or one that serves a model without class names."""
+    import onnx
+    with pytest.raises(ModelFileError, match=r'missing\.onnx: no such model file'):
+        Predictor(tmp_path / 'missing.onnx')
+    corrupt = tmp_path / 'corrupt.onnx'
+    corrupt.write_bytes(b'\x08\x07garbage, not a protobuf' * 50)
+    truncated = tmp_path / 'truncated.onnx'
+    truncated.write_bytes(onnx_path.read_bytes()[:100_000])
+    for bad in (corrupt, truncated):
+        with pytest.raises(ModelFileError, match=rf'{bad.name}: not a readable ONNX model') as e:
+            Predictor(bad)
+        assert '\n' not in str(e.value)
+    proto = onnx.load(onnx_path)
+    del proto.metadata_props[:]
+    bare = tmp_path / 'bare.onnx'
+    onnx.save(proto, bare)
+    with pytest.raises(ModelFileError, match="bare.onnx: an ONNX model without this project's metadata"):
+        Predictor(bare)
+    proto.metadata_props.add(key='cifar100_ffcv_meta', value='{"class_names": ["a"]}')
+    onnx.save(proto, bare)
+    with pytest.raises(ModelFileError, match='bare.onnx: unreadable model metadata'):
+        Predictor(bare)
+    # the backend follows the file name; --backend overrides it (a .pt read as ONNX is refused)
+    with pytest.raises(ModelFileError, match='not a readable ONNX model'):
+        Predictor(onnx_path.with_suffix('.pt'), backend='onnx')
+    with pytest.raises(ValueError, match='backend must be one of torch, onnx'):
+        Predictor(onnx_path, backend='tensorrt')
+
+
+def test_info_reports_the_checkpoint(predictor):
     info = predictor.info()
     assert info['arch'] == 'resnet18' and info['width'] == 8 and info['epoch'] == 40
     assert info['test_top1'] == pytest.approx(0.7512) and info['train_seconds'] == 812.5
     assert info['parameters'] == sum(p.numel() for p in build_model(width=8).parameters())
-    assert info['checkpoint'] == str(ckpt_path)
+    assert info['checkpoint'] == str(predictor.path)
+    assert info['backend'].startswith({'torch': 'PyTorch', 'onnx': 'ONNX Runtime'}[predictor.backend.name])
+
+
+def test_backends_agree(torch_predictor, onnx_predictor, tmp_path):
+    """The ONNX Runtime model gives the torch model's probabilities (to 1e-5) and the same top-5
+    for photos of every kind. Catches: an ONNX export or backend that permutes, reverses or
+    rescales the logits, or feeds the channels-last view as if it were contiguous NCHW."""
+    images = [rgb(32, 32, seed=s) for s in range(6)] + [rgb(300, 200, seed=9),
+                                                        Image.fromarray(rgb(64, 64)).convert('L')]
+    want, got = torch_predictor.predict_batch(images), onnx_predictor.predict_batch(images)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.probs, w.probs, atol=1e-5)
+        assert g.indices == w.indices and g.superclass == w.superclass
+    assert len({tuple(w.indices) for w in want}) > 1  # the images are told apart
 
 
 def test_resolve_checkpoint_order(tmp_path):
@@ -302,15 +381,21 @@ def test_resolve_checkpoint_order(tmp_path):
         os.utime(p, (t, t))
     (tmp_path / 'runs/b/last.pt').write_bytes(b'x')
     env = {'MODEL_PATH': '/models/env.pt'}
+    nothing = tmp_path / 'nothing'
+    nothing.mkdir()
     assert resolve_checkpoint('given.pt', env=env, root=tmp_path) == Path('given.pt')
     assert resolve_checkpoint(None, env=env, root=tmp_path) == Path('/models/env.pt')
-    assert resolve_checkpoint(None, env={}, root=tmp_path) == newer
+    assert resolve_checkpoint(None, env={}, root=tmp_path, shipped_dir=nothing) == newer
     os.utime(older, (3_000_000, 3_000_000))
-    assert resolve_checkpoint(None, env={'MODEL_PATH': ''}, root=tmp_path) == older
-    empty = tmp_path / 'empty'
-    empty.mkdir()
-    if not (ROOT / 'app' / 'model.pt').exists():  # a shipped Space checkpoint is the last resort
-        assert resolve_checkpoint(None, env={}, root=empty) is None
+    assert resolve_checkpoint(None, env={'MODEL_PATH': ''}, root=tmp_path, shipped_dir=nothing) == older
+    assert resolve_checkpoint(None, env={}, root=nothing, shipped_dir=nothing) is None
+    # an exported Space folder: the model beside app.py comes first, model.onnx before model.pt
+    space = tmp_path / 'space'
+    space.mkdir()
+    (space / 'model.pt').write_bytes(b'x')
+    assert resolve_checkpoint(None, env={}, root=tmp_path, shipped_dir=space) == space / 'model.pt'
+    (space / 'model.onnx').write_bytes(b'x')
+    assert resolve_checkpoint(None, env={}, root=tmp_path, shipped_dir=space) == space / 'model.onnx'
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -346,13 +431,28 @@ def test_bad_images_raise_clear_errors(predictor, tmp_path):
         predictor.predict(Image.new('RGB', (0, 0)))
 
 
-def test_huge_image_is_refused_before_decoding(predictor, tmp_path):
+def test_huge_image_is_refused_before_decoding(predictor, tmp_path, monkeypatch):
+    """A 100 MP PNG (12 kB: a decompression bomb) is refused from its header: Pillow's decoder
+    (``ImageFile.load``) is never called for it. Catches: a predictor that skips the pixel
+    check before decoding (the spy sees the load; without the spy, 300 MB would be decoded)."""
     huge = tmp_path / 'huge.png'
     Image.new('1', (10000, 10000)).save(huge)  # 100 MP, 12 kB compressed
-    t = time.perf_counter()
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy_load(self):
+        decoded.append(self.size)
+        if self.size[0] * self.size[1] > MAX_PIXELS:
+            raise AssertionError(f'decoding a {self.size} image')  # don't really decode 100 MP
+        return real_load(self)
+    monkeypatch.setattr(ImageFile.ImageFile, 'load', spy_load)
     with pytest.raises(ImageError, match=r'10000x10000 pixels \(100 megapixels\) is too large'):
         predictor.predict(huge)
-    assert time.perf_counter() - t < 1.0  # refused from the header, not decoded
+    assert decoded == []  # refused from the header, never decoded
+    small = tmp_path / 'small.png'
+    Image.fromarray(rgb(40, 40)).save(small)
+    predictor.predict(small)
+    assert (40, 40) in decoded  # the spy does see real decodes
     # a zero-copy 100 MP array view and a PIL image over the limit too
     with pytest.raises(ImageError, match='too large'):
         predictor.predict(np.broadcast_to(np.uint8(0), (10000, 10000, 3)))
@@ -379,68 +479,113 @@ def test_animated_gif_uses_the_first_frame(predictor, tmp_path):
 
 # --------------------------------------------------------------------------- speed
 
-def _p50_ms(predictor, source, n=60) -> float:
-    return latency(predictor, source, n)['p50_ms']
+def test_latency_times_predict_calls():
+    """``latency`` times what ``predict`` really costs: with a predictor that takes >= 3 ms per
+    call, p50 >= 3 ms, and it makes the warm-up plus n calls. Catches: a timer around nothing,
+    or percentiles taken from the wrong end of the list."""
+    class Slow:
+        calls = 0
+
+        def predict(self, image):
+            Slow.calls += 1
+            time.sleep(0.003 if Slow.calls % 2 else 0.006)  # half 3 ms, half 6 ms
+    r = latency(Slow(), 'img', 40)
+    assert Slow.calls == 20 + 40 and r['n'] == 40
+    assert 3 <= r['min_ms'] < 6 <= r['p95_ms'] and 3 <= r['p50_ms']
 
 
 @pytest.fixture(scope='module')
-def full_size_predictor(tmp_path_factory) -> Predictor:
-    return Predictor(make_test_checkpoint(tmp_path_factory.mktemp('ckpt64') / 'rn18.pt', width=64))
-
-
-def test_single_image_latency_sanity(full_size_predictor, tmp_path):
-    """Loose bound for the default suite (the machine is shared); the 10 ms acceptance is the
-    slow test below and docs/BENCHMARKS.md."""
-    path = tmp_path / 'a.png'
-    Image.fromarray(rgb(32, 32)).save(path)
-    p50 = _p50_ms(full_size_predictor, path)
-    print(f'single-image p50 {p50:.1f} ms (ResNet-18 width 64, 32x32 PNG)')
-    assert p50 < 250
+def full_size_ckpt(tmp_path_factory) -> Path:
+    return make_test_checkpoint(tmp_path_factory.mktemp('ckpt64') / 'rn18.pt', width=64)
 
 
 @pytest.fixture(scope='module')
-def compiled_predictor(full_size_predictor) -> Predictor:
-    if full_size_predictor.path is None:
-        pytest.skip('no checkpoint file')
-    p = Predictor(full_size_predictor.path, compile_model=True)
-    if p.compiled is None:
+def full_size_predictor(full_size_ckpt) -> Predictor:
+    return Predictor(full_size_ckpt)
+
+
+@pytest.fixture(scope='module')
+def compiled_predictor(full_size_ckpt) -> Predictor:
+    p = Predictor(full_size_ckpt, compile_model=True)
+    if p.backend.compiled is None:
         pytest.skip('torch.compile is unavailable here (no C++ compiler?)')
     return p
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_plain(compiled_predictor, full_size_predictor):
-    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    plain = Predictor(full_size_predictor.path, optimize=False)
-    torch.testing.assert_close(compiled_predictor.logits(x), plain.logits(x), atol=1e-4, rtol=1e-4)
-    batch = torch.randn(3, 3, 32, 32)  # other batch sizes take the eager model: no recompiling
-    torch.testing.assert_close(compiled_predictor.logits(batch), plain.logits(batch),
+def test_compiled_model_matches_plain(compiled_predictor, full_size_ckpt):
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    plain = Predictor(full_size_ckpt, optimize=False)
+    np.testing.assert_allclose(compiled_predictor.logits(x), plain.logits(x), atol=1e-4, rtol=1e-4)
+    batch = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    # other batch sizes take the eager model: no recompiling
+    np.testing.assert_allclose(compiled_predictor.logits(batch), plain.logits(batch),
                                atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-def test_single_image_latency_acceptance(compiled_predictor, full_size_predictor, tmp_path):
-    """In-process single-image prediction p50 <= 10 ms on the 2-core CPU, with the optimized
-    (compiled) model; best of 3 rounds, since other load on the machine only makes it slower."""
+def test_single_image_latency_acceptance(compiled_predictor, full_size_predictor, full_size_ckpt,
+                                         tmp_path):
+    """In-process single-image prediction (one 32x32 PNG) on a 2-core CPU: the served ONNX
+    Runtime model meets p50 <= 10 ms and is >= 1.3x faster than torch eager, side by side (on
+    the 2-core EPYC: ONNX 6.8 ms, eager 10.4, compiled 10.6; docs/BENCHMARKS.md "Export /
+    ONNX"). Best of 3 rounds, alternating the models, since other load on the machine only
+    makes them slower. Compiled torch is printed, not bounded: it beat eager 1.4x on the Xeon
+    this was first measured on, and ties it on the EPYC. Catches: ONNX Runtime losing its
+    graph optimizations (10.8 ms) or its second thread (12.7 ms)."""
     path = tmp_path / 'a.png'
     Image.fromarray(rgb(32, 32)).save(path)
-    best = min(_p50_ms(compiled_predictor, path, n=200) for _ in range(3))
-    eager = min(_p50_ms(full_size_predictor, path, n=200) for _ in range(3))
-    print(f'single-image p50: compiled {best:.2f} ms, eager (BatchNorm folded) {eager:.2f} ms')
-    assert best <= 10.0
+    onnx_predictor = Predictor(make_test_onnx(full_size_ckpt, tmp_path / 'rn18.onnx'))
+    runs = {'compiled': [], 'eager': [], 'onnx': []}
+    for _ in range(3):
+        for name, p in (('compiled', compiled_predictor), ('eager', full_size_predictor),
+                        ('onnx', onnx_predictor)):
+            runs[name].append(latency(p, path, 200)['p50_ms'])
+    best = {k: min(v) for k, v in runs.items()}
+    print(f'single-image p50 (best of 3): {best}')
+    assert best['onnx'] <= 10.0 and best['onnx'] * 1.3 <= best['eager'], best
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    from app import predictor as mod
-
     def broken(*a, **k):
         raise RuntimeError('no C++ compiler')
     monkeypatch.setattr(torch, 'compile', broken)
     with pytest.warns(UserWarning, match='torch.compile failed, serving the eager model'):
-        assert mod.compile_for_cpu(build_model(width=8).eval(), torch.zeros(1, 3, 32, 32)) is None
+        assert compile_for_cpu(build_model(width=8).eval(), torch.zeros(1, 3, 32, 32)) is None
 
 
 # --------------------------------------------------------------------------- CLI
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, without running it (its `from _cli import run` needs
+    scripts/ on the path only while it loads)."""
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(ROOT / 'scripts'))
+    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mp.undo()
+    return module
+
+
+def script_runner(name: str):
+    """scripts/<name>.py's ``main`` run in this process through the scripts' one error wrapper
+    (``_cli.run``): ``call(capsys, *args)`` -> (exit code, stdout, stderr). No interpreter
+    start per case."""
+    module = load_script(name)
+
+    def call(capsys, *args):
+        with pytest.raises(SystemExit) as e:
+            module.run(lambda: module.main([str(a) for a in args]))
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+    return call
+
+
+@pytest.fixture(scope='module')
+def predict_cli():
+    return script_runner('predict')
+
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([PY, str(ROOT / 'scripts' / 'predict.py'), *map(str, args)], cwd=ROOT,
@@ -457,12 +602,13 @@ def images_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_cli_table(ckpt_path, predictor, images_dir):
+def test_cli_table(ckpt_path, torch_predictor, images_dir):
+    """The script run as a file (a subprocess: its own imports, `run`, exit code)."""
     r = run_cli(images_dir / 'one.png', images_dir / 'two.jpg', '--checkpoint', ckpt_path, '--topk', 3)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert 'resnet18' in lines[0] and 'test top-1 75.12%' in lines[0] and '13m 32s' in lines[0]
-    expect = predictor.predict(images_dir / 'one.png', topk=3)
+    expect = torch_predictor.predict(images_dir / 'one.png', topk=3)
     block = next(i for i, l in enumerate(lines) if l.startswith(str(images_dir / 'one.png')))
     assert f'superclass: {expect.superclass}' in lines[block]
     for rank, (name, prob) in enumerate(expect.classes, 1):
@@ -471,11 +617,14 @@ def test_cli_table(ckpt_path, predictor, images_dir):
     assert any(l.startswith(str(images_dir / 'two.jpg')) for l in lines)
 
 
-def test_cli_json(ckpt_path, predictor, images_dir):
-    r = run_cli(images_dir / 'one.png', images_dir / 'two.jpg', '--checkpoint', ckpt_path, '--json')
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out['checkpoint'] == str(ckpt_path) and len(out['predictions']) == 2
+def test_cli_json(predict_cli, capsys, predictor, images_dir):
+    """Both model files through the CLI: the same classes as the predictor in process."""
+    code, out, err = predict_cli(capsys, images_dir / 'one.png', images_dir / 'two.jpg',
+                                 '--checkpoint', predictor.path, '--json')
+    assert code == 0, err
+    out = json.loads(out)
+    assert out['checkpoint'] == str(predictor.path) and len(out['predictions']) == 2
+    assert out['backend'] == predictor.backend.name and out['errors'] == []
     first = out['predictions'][0]
     expect = predictor.predict(images_dir / 'one.png', topk=5)
     assert first['image'] == str(images_dir / 'one.png')
@@ -484,27 +633,73 @@ def test_cli_json(ckpt_path, predictor, images_dir):
     assert first['superclass']['label'] == expect.superclass
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(ckpt_path, images_dir, tmp_path):
+def test_cli_errors_are_one_line_with_exit_code_2(predict_cli, capsys, ckpt_path, images_dir,
+                                                   tmp_path, monkeypatch):
+    corrupt_onnx = tmp_path / 'corrupt.onnx'
+    corrupt_onnx.write_bytes(b'\x08\x07 not an onnx model' * 30)
     cases = [
         ((images_dir / 'bad.png', '--checkpoint', ckpt_path), 'bad.png: not an image'),
         ((images_dir / 'one.png', '--checkpoint', tmp_path / 'nope.pt'), 'no such checkpoint file'),
         ((images_dir / 'one.png', '--checkpoint', images_dir / 'one.png'), 'not a readable checkpoint'),
+        ((images_dir / 'one.png', '--checkpoint', corrupt_onnx), 'corrupt.onnx: not a readable ONNX model'),
         ((images_dir / 'one.png', '--checkpoint', ckpt_path, '--topk', 0), 'topk must be between'),
     ]
     for args, msg in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert r.stderr.startswith('error: ') and msg in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+        code, out, err = predict_cli(capsys, *args)
+        assert code == 2, (args, out, err)
+        assert err.startswith('error: ') and msg in err, err
+        assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     # MODEL_PATH is used without --checkpoint
-    r = run_cli(images_dir / 'one.png', '--json', env={'MODEL_PATH': str(ckpt_path)})
-    assert r.returncode == 0 and json.loads(r.stdout)['checkpoint'] == str(ckpt_path)
+    monkeypatch.setenv('MODEL_PATH', str(ckpt_path))
+    code, out, err = predict_cli(capsys, images_dir / 'one.png', '--json')
+    assert code == 0 and json.loads(out)['checkpoint'] == str(ckpt_path)
 
 
-def test_serving_imports_no_ffcv_numba_or_opencv():
-    """A Space installs only app/requirements.txt: the app must not need the training stack."""
-    code = ('import sys, app.predictor, app.app; '
-            'bad = [m for m in ("ffcv", "numba", "cv2") if m in sys.modules]; '
-            'assert not bad, bad; print("ok")')
+def test_cli_without_any_checkpoint(predict_cli, capsys, images_dir, tmp_path, monkeypatch):
+    """No --checkpoint, no MODEL_PATH, no runs/ and no shipped model: one line saying how to
+    train one, exit 2. Catches: a CLI that hands ``None`` to the predictor (a traceback)."""
+    import app.predictor as predictor_module
+    monkeypatch.delenv('MODEL_PATH', raising=False)
+    monkeypatch.setattr(predictor_module, 'ROOT', tmp_path)  # a root without runs/
+    monkeypatch.setattr(predictor_module, 'HERE', tmp_path)  # no model.onnx / model.pt beside
+    code, out, err = predict_cli(capsys, images_dir / 'one.png')
+    assert code == 2 and out == ''
+    assert err.strip().splitlines() == [f'error: {predictor_module.NO_CHECKPOINT_MESSAGE}']
+
+
+def test_cli_mixed_good_and_bad_images(predict_cli, capsys, ckpt_path, torch_predictor, images_dir):
+    """Good images are classified and printed, each bad one gets its own ``error:`` line on
+    stderr, the exit code is 2. Catches: stopping at the first bad image (the good one after it
+    is lost), or exit code 0 when some failed."""
+    order = [images_dir / 'bad.png', images_dir / 'one.png', images_dir / 'missing.png',
+             images_dir / 'two.jpg']
+    code, out, err = predict_cli(capsys, *order, '--checkpoint', ckpt_path, '--topk', 2)
+    assert code == 2
+    assert err.splitlines() == [f'error: {images_dir / "bad.png"}: not an image, or a corrupt one '
+                                f'(Pillow cannot identify it)',
+                                f'error: {images_dir / "missing.png"}: no such file']
+    printed = [l for l in out.splitlines() if l.startswith(str(images_dir))]
+    assert printed[0].startswith(str(images_dir / 'one.png')) and printed[1].startswith(str(images_dir / 'two.jpg'))
+    assert torch_predictor.predict(images_dir / 'two.jpg', topk=1).label in out
+    code, out, err = predict_cli(capsys, *order, '--checkpoint', ckpt_path, '--json')
+    data = json.loads(out)
+    assert code == 2 and [p['image'] for p in data['predictions']] == [str(order[1]), str(order[3])]
+    assert [e['image'] for e in data['errors']] == [str(order[0]), str(order[2])]
+
+
+def test_serving_imports_no_training_stack_and_onnx_needs_no_torch(onnx_path):
+    """A Space installs only app/requirements*.txt: the app must not need ffcv, numba or OpenCV,
+    and the predictor and app modules must not import torch until a torch model is loaded;
+    with torch made unimportable, an ONNX model still classifies. Catches: a module-level
+    ``import torch`` anywhere on the ONNX path (app.predictor, app.images, app.modelmeta,
+    app.onnx_backend, app.app)."""
+    code = ('import sys, numpy as np\n'
+            'import app.predictor, app.images, app.modelmeta, app.onnx_backend, app.app\n'
+            'bad = [m for m in ("ffcv", "numba", "cv2", "torch") if m in sys.modules]\n'
+            'assert not bad, bad\n'
+            'sys.modules["torch"] = None  # from here on, `import torch` raises ImportError\n'
+            f'p = app.predictor.Predictor({str(onnx_path)!r})\n'
+            'print(p.predict(np.zeros((40, 40, 3), np.uint8)).label)\n')
     r = subprocess.run([PY, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and 'ok' in r.stdout, r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() in FINE_LABEL_NAMES

@@ -23,14 +23,11 @@ import numpy as np
 import torch
 
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
-from model.checkpoint import atomic_save, load_checkpoint, make_checkpoint
+from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint
 from model.fileio import DiskFullError, atomic_write, atomic_write_text, is_disk_full
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
-
-RESUME_KEYS = ('optimizer', 'scaler', 'rng')
-
 
 def get_rng_state() -> dict:
     st = {'python': random.getstate(), 'numpy': list(np.random.get_state()),
@@ -85,7 +82,7 @@ def restore(path: str | os.PathLike, *, model, optimizer, scaler) -> Position:
     """Load ``path`` into the model, optimizer and scaler, restore the RNG states; returns
     where the run stopped. An inference-only checkpoint cannot be resumed."""
     ckpt = load_checkpoint(path, map_location='cpu')
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    missing = [k for k in RESUME_KEYS if k not in ckpt and k != 'best_top1']  # older files lack it
     if missing:
         raise ConfigError(f'{path}: checkpoint has no {missing[0]} state; it cannot be resumed '
                           f'(inference-only export?)')

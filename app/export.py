@@ -1,0 +1,256 @@
+"""Ship a trained model: an inference-only checkpoint, an ONNX model verified against torch, and
+a ready-to-push Hugging Face Space folder. ``scripts/export.py`` is the command line.
+
+    python scripts/export.py runs/<run>/best.pt --out export/             # model.pt (slim)
+    python scripts/export.py runs/<run>/best.pt --out export/ --onnx      # + model.onnx, verified
+    python scripts/export.py runs/<run>/best.pt --out my-space/ --onnx --space --fp16
+
+What lands in ``--out``:
+  * ``model.pt``: weights and the metadata the app shows, no optimizer/scaler/RNG state
+    (``model.checkpoint.slim_checkpoint``); ``--fp16`` stores the weights as float16.
+  * ``model.onnx`` (``--onnx``): dynamic batch, NCHW float32 input ``input``, output ``logits``;
+    the app's metadata (``app.modelmeta``) rides in its ``metadata_props``. Verified before it is
+    kept: the torch model and ONNX Runtime classify the same images (``data_beton/examples``,
+    else synthetic ones); max |logit difference| <= :data:`ONNX_TOLERANCE` and every top-1 equal,
+    or the export fails. ``--fp16`` stores its weights as float16 too (a Cast per weight, which
+    ONNX Runtime folds away at load time: half the file, the same speed).
+  * ``--space``: ``app.py`` and the modules it imports, ``requirements.txt``, ``README.md`` (the
+    Space's YAML header), ``examples/``; with ``--onnx`` the folder runs without torch (gradio,
+    onnxruntime, numpy, pillow) and ships ``model.onnx`` only, else ``model.pt`` and ``model/``.
+  * ``export.json``: what was exported from what, the verification figures, the file list.
+
+Nothing half-written: everything is built in a temporary folder beside ``--out`` and moved into
+place at the end (re-exporting into a Space clone replaces our files, removes the ones a
+previous export listed and this one no longer makes, and leaves ``.git`` and the rest alone).
+Measured figures: docs/BENCHMARKS.md "Export / ONNX".
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, slim_checkpoint
+from model.fileio import atomic_write, atomic_write_text
+from model.resnet import count_parameters
+
+from .modelmeta import META_KEY, ModelMeta
+from .predictor import Predictor
+
+HERE = Path(__file__).resolve().parent  # app/
+ROOT = HERE.parent
+ONNX_TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch; measured ~1e-6 (fp32)
+OPSET = 17
+SPACE_MODULES = {'common': ('app.py', 'predictor.py', 'images.py', 'modelmeta.py'),
+                 'onnx': ('onnx_backend.py',), 'torch': ('torch_backend.py',)}
+MODEL_PACKAGE = ('__init__.py', 'resnet.py', 'checkpoint.py', 'fileio.py')  # torch Space only
+REQUIREMENTS = {'onnx': HERE / 'requirements-onnx.txt', 'torch': HERE / 'requirements.txt'}
+EXAMPLE_DIRS = (ROOT / 'data_beton' / 'examples', HERE / 'examples')
+MANIFEST = 'export.json'
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked (one line; ``scripts/_cli.run`` prints it)."""
+
+
+@dataclass(frozen=True)
+class Verification:
+    images: int
+    source: str  # where the images came from
+    max_abs_logit_diff: float
+    top1_agreement: int  # images whose top-1 class is the same
+    tolerance: float = ONNX_TOLERANCE
+
+    def line(self) -> str:
+        return (f'verified against torch on {self.images} images ({self.source}): max |logit diff| '
+                f'{self.max_abs_logit_diff:.2e} (tolerance {self.tolerance:.0e}), top-1 agreement '
+                f'{self.top1_agreement}/{self.images}')
+
+
+# --------------------------------------------------------------------------- ONNX
+
+def onnx_bytes(ckpt: dict, *, fp16: bool = False) -> bytes:
+    """The checkpoint's model as ONNX (dynamic batch) with :class:`ModelMeta` in its metadata."""
+    import onnx
+    model = model_from_checkpoint(ckpt, channels_last=False)
+    meta = ModelMeta.from_checkpoint(ckpt, count_parameters(model))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter('ignore')
+        # dynamo=False: the TorchScript exporter needs no onnxscript and matched torch to ~1e-6.
+        # Constant folding merges each BatchNorm into its conv; with float16 weights that would
+        # round the merged weights a second time (logits off by ~1e-3), so then BatchNorm stays
+        # a node and ONNX Runtime merges it in float32 at load time.
+        torch.onnx.export(model, torch.zeros(1, 3, meta.image_size, meta.image_size), buf,
+                          dynamo=False, opset_version=OPSET, input_names=['input'],
+                          output_names=['logits'], do_constant_folding=not fp16,
+                          dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+    proto = onnx.load_from_string(buf.getvalue())
+    if fp16:
+        _weights_to_fp16(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta.to_json()
+    proto.producer_name = 'cifar100-ffcv scripts/export.py'
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def _weights_to_fp16(proto) -> None:
+    """Store float32 initializers as float16, each behind a Cast back to float32: the graph still
+    computes in float32 (ONNX Runtime folds the Casts into float32 constants at load time)."""
+    from onnx import TensorProto, helper, numpy_helper
+    casts = []
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.FLOAT or np.prod(init.dims) < 16:
+            continue  # tiny tensors (shapes, scalars): not worth a Cast
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                              f'{name}__fp16'))
+        casts.append(helper.make_node('Cast', [f'{name}__fp16'], [name], to=TensorProto.FLOAT))
+    nodes = casts + list(proto.graph.node)  # Casts first: the graph stays topologically sorted
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def verification_images(dirs=EXAMPLE_DIRS, count: int = 16) -> tuple[list, str]:
+    """Real CIFAR-100 test images (``data_beton/examples/*.png``) if there are any, else
+    ``count`` synthetic 32x32 ones (seeded)."""
+    for d in dirs:
+        found = sorted(Path(d).glob('*.png'))
+        if found:
+            return found, str(d)
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
+
+
+def verify_onnx(onnx_path: Path, ckpt: dict, images: list, source: str) -> Verification:
+    """Classify ``images`` with the plain torch model and with ONNX Runtime (as served);
+    :class:`ExportError` if they disagree beyond :data:`ONNX_TOLERANCE` or on any top-1."""
+    reference = Predictor(ckpt, optimize=False)
+    served = Predictor(onnx_path)
+    x, _ = reference.preprocess(images)
+    want, got = reference.logits(x), served.logits(x)
+    v = Verification(images=len(x), source=source,
+                     max_abs_logit_diff=float(np.abs(want - got).max()),
+                     top1_agreement=int((want.argmax(1) == got.argmax(1)).sum()))
+    if v.max_abs_logit_diff > v.tolerance or v.top1_agreement < v.images:
+        raise ExportError(f'{onnx_path.name}: ONNX Runtime disagrees with torch: {v.line()}; '
+                          f'the ONNX file was not kept')
+    return v
+
+
+# --------------------------------------------------------------------------- the folder
+
+def _copy(src: Path, dst: Path) -> None:
+    atomic_write(dst, lambda f: f.write(src.read_bytes()))
+
+
+def space_readme(ckpt: dict, backend: str) -> str:
+    """app/README.md's YAML header (it configures the Space) and a short card for this model."""
+    header = (HERE / 'README.md').read_text().split('---\n')[1]
+    m, cfg = ckpt.get('metrics') or {}, ckpt['model_config']
+    top1 = f', test top-1 {m["test_top1"]:.2%}' if m.get('test_top1') is not None else ''
+    runtime = ('ONNX Runtime (no torch needed)' if backend == 'onnx'
+               else 'PyTorch (CPU)')
+    return (f'---\n{header}---\n\n# CIFAR-100 classifier\n\n'
+            f'A {cfg["arch"]} (width {cfg.get("width", 64)}) trained on CIFAR-100 '
+            f'({ckpt.get("epoch")} epochs{top1}), served with {runtime}. Drop in an image: the '
+            f'five most likely of the 100 classes, and the superclass of the first.\n\n'
+            f'Run it locally: `pip install -r requirements.txt && python app.py` '
+            f'(http://127.0.0.1:7860). Exported with `scripts/export.py` from the '
+            f'cifar100-ffcv project.\n')
+
+
+def _stage_space(stage: Path, ckpt: dict, backend: str, examples: list[Path]) -> None:
+    for name in SPACE_MODULES['common'] + SPACE_MODULES[backend]:
+        _copy(HERE / name, stage / name)
+    if backend == 'torch':  # the checkpoint format and the network itself
+        for name in MODEL_PACKAGE:
+            _copy(ROOT / 'model' / name, stage / 'model' / name)
+    _copy(REQUIREMENTS[backend], stage / 'requirements.txt')
+    atomic_write_text(stage / 'README.md', space_readme(ckpt, backend))
+    for p in examples:
+        _copy(p, stage / 'examples' / p.name)
+
+
+def _publish(stage: Path, out: Path) -> list[str]:
+    """Move the staged files into ``out``: one rename if it does not exist, else file by file
+    (each an atomic ``os.replace``), removing what the previous export listed and this one
+    does not make. Returns the file list (relative paths)."""
+    files = sorted(str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file())
+    if not out.exists():
+        os.rename(stage, out)
+        return files
+    old = out / MANIFEST
+    stale = set(json.loads(old.read_text()).get('files', [])) - set(files) if old.is_file() else set()
+    for rel in files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / rel, out / rel)
+    for rel in stale:
+        (out / rel).unlink(missing_ok=True)
+        for folder in (out / rel).parents:  # and the folders it leaves empty (model/)
+            if folder == out or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    shutil.rmtree(stage, ignore_errors=True)
+    return files
+
+
+def _staging_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f'{out}: exists and is not a folder')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+    except OSError as e:
+        raise ExportError(f'{out}: cannot write there ({e.strerror or e})') from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would hide the published folder
+    return stage
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool = False,
+           fp16: bool = False, space: bool = False, example_dirs=EXAMPLE_DIRS,
+           log: Callable[[str], None] = print) -> dict:
+    """Do the export (see the module docstring); returns what ``export.json`` holds."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    ckpt = slim_checkpoint(load_checkpoint(checkpoint), fp16=fp16)
+    stage = _staging_dir(out)
+    try:
+        manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'onnx': onnx, 'space': space,
+                          'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}
+        if not (space and onnx):  # a torch-free Space never reads model.pt: don't ship 45 MB
+            atomic_save(ckpt, stage / 'model.pt')
+            log(f'model.pt: inference-only checkpoint, {(stage / "model.pt").stat().st_size / 2**20:.1f} MiB'
+                f'{" (float16 weights)" if fp16 else ""}')
+        images, source = verification_images(example_dirs)
+        if onnx:
+            atomic_write(stage / 'model.onnx', lambda f: f.write(onnx_bytes(ckpt, fp16=fp16)))
+            v = verify_onnx(stage / 'model.onnx', ckpt, images, source)
+            manifest['verification'] = asdict(v)
+            log(f'model.onnx: {(stage / "model.onnx").stat().st_size / 2**20:.1f} MiB, {v.line()}')
+        if space:
+            backend = 'onnx' if onnx else 'torch'
+            _stage_space(stage, ckpt, backend, [p for p in images if isinstance(p, Path)][:12])
+            log(f'Space folder ({backend} backend): run it with `cd {out} && python app.py`')
+        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*')
+                                    if p.is_file()] + [MANIFEST])
+        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    top = sorted({f.split('/')[0] + ('/' if '/' in f else '') for f in manifest['files']})
+    log(f'wrote {out}/ ({", ".join(top)})')
+    return manifest
