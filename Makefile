@@ -1,6 +1,8 @@
 # Two commands do everything (see README.md):
 #   make run    set-up if needed -> download CIFAR-100 -> write .beton files -> train rn18.yaml
 #   make test   set-up if needed -> pytest (fast tests; `make test-slow` runs the slow ones)
+# More: make check (re-measure the acceptance figures), make benchmark, make speedrun, make app,
+#       make export.
 # Variables: CIFAR_SOURCE=path/to/cifar-100-python.tar.gz (no download), CONFIG=rn18.yaml,
 #            TRAIN_ARGS='--training.epochs 2', PYTEST_ARGS='-k loader', VENV=.venv
 VENV ?= .venv
@@ -11,7 +13,7 @@ TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 export VENV
 
-.PHONY: run setup data train test test-slow benchmark app clean-venv
+.PHONY: run setup data train test test-slow check benchmark speedrun app clean-venv
 run: train
 
 setup:
@@ -28,6 +30,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+check: data
+	$(PY) scripts/check_figures.py
 
 benchmark: data
 	$(PY) scripts/benchmark.py

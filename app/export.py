@@ -40,7 +40,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, slim_checkpoint
+from model.checkpoint import (PROJECT_ROOT as ROOT, atomic_save, load_checkpoint,
+                              model_from_checkpoint, slim_checkpoint)
 from model.fileio import atomic_write, atomic_write_text
 from model.resnet import count_parameters
 
@@ -48,7 +49,6 @@ from .modelmeta import META_KEY, ModelMeta
 from .predictor import Predictor
 
 HERE = Path(__file__).resolve().parent  # app/
-ROOT = HERE.parent
 ONNX_TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch; measured ~1e-6 (fp32)
 OPSET = 17
 SPACE_MODULES = {'common': ('app.py', 'predictor.py', 'images.py', 'modelmeta.py'),

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository
+from model.checkpoint import PROJECT_ROOT as ROOT  # noqa: E402  (the repository)
 PORT_TAKEN = ('address already in use', 'Cannot find empty port')  # lost a free_port race
 ERROR_MARKERS = ('Could not classify', 'Internal error', 'No model loaded')
 

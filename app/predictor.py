@@ -41,7 +41,9 @@ BACKENDS = ('torch', 'onnx')
 SHIPPED_MODELS = ('model.onnx', 'model.pt')  # what an exported Space folder holds beside app.py
 
 HERE = Path(__file__).resolve().parent  # app/ (or the Space folder)
-ROOT = HERE.parent  # the repository root (in the repo layout)
+# The repository root in the repo layout (model.checkpoint.PROJECT_ROOT, which imports torch: an
+# ONNX Space has none, so it is derived here).
+ROOT = HERE.parent
 
 __all__ = ['Predictor', 'Prediction', 'ImageError', 'ModelFileError', 'prepare_image',
            'normalize', 'resolve_checkpoint', 'MAX_PIXELS', 'NO_CHECKPOINT_MESSAGE', 'latency',

@@ -181,3 +181,15 @@ def small_disk(tmp_path):
         pytest.skip(f'cannot mount a tmpfs here ({r.stderr.decode().strip()})')
     yield mnt
     subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
+
+
+@pytest.fixture(scope='session')
+def baseline_run(synthetic_betons, tmp_path_factory):
+    """An uninterrupted 2-epoch run through the FFCV loader, keeping epoch_001.pt (shared by the
+    training and resume tests): (run folder, summary, log lines)."""
+    from training.trainer import train
+    out = tmp_path_factory.mktemp('runs') / 'baseline'
+    logs = []
+    summary = train('tiny_cpu', tiny(synthetic_betons, out, **{'output.save_every': 1,
+                                                               'data.loader': 'ffcv'}), log=logs.append)
+    return out, summary, logs

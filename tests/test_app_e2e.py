@@ -26,9 +26,9 @@ from PIL import Image
 from app.export import export
 from app.loadtest import launch_in_thread, run_load, serve_app
 from app.predictor import Predictor
-from test_predictor import load_script, make_test_checkpoint
+from conftest import ROOT, run_main
+from test_predictor import make_test_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_COMPILE = {'COMPILE_MODEL': '0'}  # for the apps started only to check one thing
 # The load test's floors, chosen from measurements on the 2-core EPYC (docs/BENCHMARKS.md
 # "Export / ONNX"): idle, 200 requests at concurrency 8 run at 25-47 req/s (torch eager to
@@ -258,13 +258,12 @@ def test_load_200_predictions_at_concurrency_8(app_url, images):
     assert result['p95_ms'] <= MAX_P95_MS, result
 
 
-def test_loadtest_script_writes_json(app_url, images, tmp_path, capsys):
+def test_loadtest_script_writes_json(app_url, images, tmp_path):
     out = tmp_path / 'lt.json'
-    script = load_script('loadtest_app')
-    code = script.main(['--url', app_url, '-n', '16', '--concurrency', '4', '--images',
-                        str(images['good0']), '--out', str(out)])
-    assert code == 0
-    assert '16 requests at concurrency 4: 0 errors' in capsys.readouterr().out
+    code, stdout, err = run_main('loadtest_app', '--url', app_url, '-n', '16', '--concurrency', '4',
+                                 '--images', images['good0'], '--out', out)
+    assert code == 0, err
+    assert '16 requests at concurrency 4: 0 errors' in stdout
     data = json.loads(out.read_text())
     assert data['errors'] == 0 and data['n'] == 16 and data['p50_ms'] <= data['p95_ms']
 

@@ -23,17 +23,8 @@ import torch
 
 import app.export as export_module
 from app.predictor import Predictor
-from conftest import build_archive, make_split
-from test_predictor import make_test_checkpoint, rgb, script_runner
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-
-@pytest.fixture(scope='module')
-def export_cli():
-    """scripts/export.py through the scripts' error wrapper, in process: (code, stdout, stderr)."""
-    return script_runner('export')
+from conftest import PY, ROOT, build_archive, make_split, run_main
+from test_predictor import make_test_checkpoint, rgb
 
 
 @pytest.fixture(scope='module')
@@ -59,13 +50,13 @@ def no_leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith('.') and p.name.endswith('.tmp')]
 
 
-def test_export_slim_checkpoint_and_verified_onnx(export_cli, capsys, training_ckpt, tmp_path):
+def test_export_slim_checkpoint_and_verified_onnx(training_ckpt, tmp_path):
     """model.pt drops the training state, model.onnx is verified (figures printed and kept in
     export.json), and the training checkpoint, model.pt and model.onnx give the same top-5.
     Catches: a slim checkpoint that keeps the optimizer (or loses the metadata), an export
     that skips or fakes the verification."""
     out = tmp_path / 'export'
-    code, stdout, err = export_cli(capsys, training_ckpt, '--out', out, '--onnx')
+    code, stdout, err = run_main('export', training_ckpt, '--out', out, '--onnx')
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ['export.json', 'model.onnx', 'model.pt']
     m = re.search(r'verified against torch on (\d+) images \((.+)\): max \|logit diff\| (\S+) '
@@ -95,15 +86,14 @@ def test_export_slim_checkpoint_and_verified_onnx(export_cli, capsys, training_c
         predictors[0].info() | {'checkpoint': None, 'backend': None}  # the same model panel
 
 
-def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(export_cli, capsys,
-                                                                  training_ckpt, tmp_path):
+def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(training_ckpt, tmp_path):
     """--onnx --space --fp16: a Space folder with model.onnx only (float16 weights: half the
     file), whose predictor runs in a fresh interpreter where `import torch` fails and agrees
     with the float32 model. Catches: a module on the ONNX path importing torch, a Space
     folder missing a module it imports, float16 weights that change the predictions."""
     fp32, space = tmp_path / 'fp32', tmp_path / 'space'
-    assert export_cli(capsys, training_ckpt, '--out', fp32, '--onnx')[0] == 0
-    code, stdout, err = export_cli(capsys, training_ckpt, '--out', space, '--onnx', '--space', '--fp16')
+    assert run_main('export', training_ckpt, '--out', fp32, '--onnx')[0] == 0
+    code, stdout, err = run_main('export', training_ckpt, '--out', space, '--onnx', '--space', '--fp16')
     assert code == 0, err
     names = sorted(p.name for p in space.iterdir())
     # the gallery comes from data_beton/examples (the converter writes it) when there is one
@@ -131,7 +121,7 @@ def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(export_cli, cap
     np.testing.assert_allclose(got['probs'], want.probs, atol=2e-3)  # float16 weights
 
 
-def test_bad_checkpoint_is_one_line_and_writes_nothing(export_cli, capsys, tmp_path, training_ckpt):
+def test_bad_checkpoint_is_one_line_and_writes_nothing(tmp_path, training_ckpt):
     garbage = tmp_path / 'garbage.pt'
     garbage.write_bytes(b'not a checkpoint at all' * 100)
     fake_onnx = tmp_path / 'model.onnx'  # an ONNX model is not a checkpoint to export from
@@ -140,7 +130,7 @@ def test_bad_checkpoint_is_one_line_and_writes_nothing(export_cli, capsys, tmp_p
                      (tmp_path / 'missing.pt', 'no such checkpoint file'),
                      (fake_onnx, 'not a readable checkpoint')):
         out = tmp_path / 'out'
-        code, stdout, err = export_cli(capsys, bad, '--out', out, '--onnx', '--space')
+        code, stdout, err = run_main('export', bad, '--out', out, '--onnx', '--space')
         assert code == 2 and err.startswith(f'error: {bad}: {msg}'), err
         assert len(err.strip().splitlines()) == 1 and not out.exists()
         assert no_leftovers(tmp_path) == []
@@ -156,7 +146,7 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return Path('/sys/kernel')
 
 
-def test_unwritable_out_is_one_line_and_writes_nothing(export_cli, capsys, tmp_path, training_ckpt):
+def test_unwritable_out_is_one_line_and_writes_nothing(tmp_path, training_ckpt):
     ro = unwritable_folder(tmp_path)
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
@@ -164,13 +154,13 @@ def test_unwritable_out_is_one_line_and_writes_nothing(export_cli, capsys, tmp_p
              (a_file / 'space', f'error: {a_file / "space"}: cannot write there'),
              (a_file, f'error: {a_file}: exists and is not a folder')]
     for out, msg in cases:
-        code, stdout, err = export_cli(capsys, training_ckpt, '--out', out, '--onnx')
+        code, stdout, err = run_main('export', training_ckpt, '--out', out, '--onnx')
         assert code == 2 and err.startswith(msg) and len(err.strip().splitlines()) == 1, err
     assert not (ro / 'space').exists() and a_file.read_text() == 'x'
     assert no_leftovers(tmp_path) == []
 
 
-def test_onnx_that_disagrees_with_torch_fails_and_writes_nothing(export_cli, capsys, tmp_path,
+def test_onnx_that_disagrees_with_torch_fails_and_writes_nothing(tmp_path,
                                                                  training_ckpt, monkeypatch):
     """A real mismatch: the ONNX graph is exported from other weights (seed 1) than the
     checkpoint's. The export must fail with the figures in one line and leave no file behind.
@@ -180,14 +170,14 @@ def test_onnx_that_disagrees_with_torch_fails_and_writes_nothing(export_cli, cap
     real = export_module.onnx_bytes
     monkeypatch.setattr(export_module, 'onnx_bytes', lambda ckpt, fp16=False: real(other, fp16=fp16))
     out = tmp_path / 'out'
-    code, stdout, err = export_cli(capsys, training_ckpt, '--out', out, '--onnx', '--space')
+    code, stdout, err = run_main('export', training_ckpt, '--out', out, '--onnx', '--space')
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith('error: model.onnx: ONNX Runtime disagrees with torch: verified against '
                           'torch on') and 'the ONNX file was not kept' in err
     assert not out.exists() and no_leftovers(tmp_path) == []
 
 
-def test_reexport_into_a_space_clone_replaces_only_its_own_files(export_cli, capsys, tmp_path,
+def test_reexport_into_a_space_clone_replaces_only_its_own_files(tmp_path,
                                                                 training_ckpt):
     """Exporting into an existing folder (a clone of the Space repository) replaces the files
     it writes, removes those the previous export wrote and this one does not (torch -> ONNX:
@@ -196,9 +186,9 @@ def test_reexport_into_a_space_clone_replaces_only_its_own_files(export_cli, cap
     (space / '.git').mkdir(parents=True)
     (space / '.git' / 'HEAD').write_text('ref: refs/heads/main\n')
     (space / '.gitattributes').write_text('*.onnx filter=lfs\n')
-    assert export_cli(capsys, training_ckpt, '--out', space, '--space')[0] == 0
+    assert run_main('export', training_ckpt, '--out', space, '--space')[0] == 0
     assert (space / 'model.pt').is_file() and (space / 'model' / 'resnet.py').is_file()
-    assert export_cli(capsys, training_ckpt, '--out', space, '--onnx', '--space')[0] == 0
+    assert run_main('export', training_ckpt, '--out', space, '--onnx', '--space')[0] == 0
     assert (space / 'model.onnx').is_file() and not (space / 'model.pt').exists()
     assert not (space / 'model').exists() and not (space / 'torch_backend.py').exists()
     assert (space / '.git' / 'HEAD').read_text() == 'ref: refs/heads/main\n'

@@ -33,10 +33,8 @@ from app.torch_backend import compile_for_cpu, fold_batchnorm
 from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
+from conftest import PY, ROOT, run_main
 from model.checkpoint import atomic_save, make_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 
 
 def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
@@ -556,37 +554,6 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
 # --------------------------------------------------------------------------- CLI
 
-def load_script(name: str):
-    """scripts/<name>.py as a module, without running it (its `from _cli import run` needs
-    scripts/ on the path only while it loads)."""
-    mp = pytest.MonkeyPatch()
-    mp.syspath_prepend(str(ROOT / 'scripts'))
-    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    mp.undo()
-    return module
-
-
-def script_runner(name: str):
-    """scripts/<name>.py's ``main`` run in this process through the scripts' one error wrapper
-    (``_cli.run``): ``call(capsys, *args)`` -> (exit code, stdout, stderr). No interpreter
-    start per case."""
-    module = load_script(name)
-
-    def call(capsys, *args):
-        with pytest.raises(SystemExit) as e:
-            module.run(lambda: module.main([str(a) for a in args]))
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-    return call
-
-
-@pytest.fixture(scope='module')
-def predict_cli():
-    return script_runner('predict')
-
-
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([PY, str(ROOT / 'scripts' / 'predict.py'), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
@@ -617,9 +584,9 @@ def test_cli_table(ckpt_path, torch_predictor, images_dir):
     assert any(l.startswith(str(images_dir / 'two.jpg')) for l in lines)
 
 
-def test_cli_json(predict_cli, capsys, predictor, images_dir):
+def test_cli_json(predictor, images_dir):
     """Both model files through the CLI: the same classes as the predictor in process."""
-    code, out, err = predict_cli(capsys, images_dir / 'one.png', images_dir / 'two.jpg',
+    code, out, err = run_main('predict', images_dir / 'one.png', images_dir / 'two.jpg',
                                  '--checkpoint', predictor.path, '--json')
     assert code == 0, err
     out = json.loads(out)
@@ -633,7 +600,7 @@ def test_cli_json(predict_cli, capsys, predictor, images_dir):
     assert first['superclass']['label'] == expect.superclass
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(predict_cli, capsys, ckpt_path, images_dir,
+def test_cli_errors_are_one_line_with_exit_code_2(ckpt_path, images_dir,
                                                    tmp_path, monkeypatch):
     corrupt_onnx = tmp_path / 'corrupt.onnx'
     corrupt_onnx.write_bytes(b'\x08\x07 not an onnx model' * 30)
@@ -645,35 +612,35 @@ def test_cli_errors_are_one_line_with_exit_code_2(predict_cli, capsys, ckpt_path
         ((images_dir / 'one.png', '--checkpoint', ckpt_path, '--topk', 0), 'topk must be between'),
     ]
     for args, msg in cases:
-        code, out, err = predict_cli(capsys, *args)
+        code, out, err = run_main('predict', *args)
         assert code == 2, (args, out, err)
         assert err.startswith('error: ') and msg in err, err
         assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     # MODEL_PATH is used without --checkpoint
     monkeypatch.setenv('MODEL_PATH', str(ckpt_path))
-    code, out, err = predict_cli(capsys, images_dir / 'one.png', '--json')
+    code, out, err = run_main('predict', images_dir / 'one.png', '--json')
     assert code == 0 and json.loads(out)['checkpoint'] == str(ckpt_path)
 
 
-def test_cli_without_any_checkpoint(predict_cli, capsys, images_dir, tmp_path, monkeypatch):
+def test_cli_without_any_checkpoint(images_dir, tmp_path, monkeypatch):
     """No --checkpoint, no MODEL_PATH, no runs/ and no shipped model: one line saying how to
     train one, exit 2. Catches: a CLI that hands ``None`` to the predictor (a traceback)."""
     import app.predictor as predictor_module
     monkeypatch.delenv('MODEL_PATH', raising=False)
     monkeypatch.setattr(predictor_module, 'ROOT', tmp_path)  # a root without runs/
     monkeypatch.setattr(predictor_module, 'HERE', tmp_path)  # no model.onnx / model.pt beside
-    code, out, err = predict_cli(capsys, images_dir / 'one.png')
+    code, out, err = run_main('predict', images_dir / 'one.png')
     assert code == 2 and out == ''
     assert err.strip().splitlines() == [f'error: {predictor_module.NO_CHECKPOINT_MESSAGE}']
 
 
-def test_cli_mixed_good_and_bad_images(predict_cli, capsys, ckpt_path, torch_predictor, images_dir):
+def test_cli_mixed_good_and_bad_images(ckpt_path, torch_predictor, images_dir):
     """Good images are classified and printed, each bad one gets its own ``error:`` line on
     stderr, the exit code is 2. Catches: stopping at the first bad image (the good one after it
     is lost), or exit code 0 when some failed."""
     order = [images_dir / 'bad.png', images_dir / 'one.png', images_dir / 'missing.png',
              images_dir / 'two.jpg']
-    code, out, err = predict_cli(capsys, *order, '--checkpoint', ckpt_path, '--topk', 2)
+    code, out, err = run_main('predict', *order, '--checkpoint', ckpt_path, '--topk', 2)
     assert code == 2
     assert err.splitlines() == [f'error: {images_dir / "bad.png"}: not an image, or a corrupt one '
                                 f'(Pillow cannot identify it)',
@@ -681,7 +648,7 @@ def test_cli_mixed_good_and_bad_images(predict_cli, capsys, ckpt_path, torch_pre
     printed = [l for l in out.splitlines() if l.startswith(str(images_dir))]
     assert printed[0].startswith(str(images_dir / 'one.png')) and printed[1].startswith(str(images_dir / 'two.jpg'))
     assert torch_predictor.predict(images_dir / 'two.jpg', topk=1).label in out
-    code, out, err = predict_cli(capsys, *order, '--checkpoint', ckpt_path, '--json')
+    code, out, err = run_main('predict', *order, '--checkpoint', ckpt_path, '--json')
     data = json.loads(out)
     assert code == 2 and [p['image'] for p in data['predictions']] == [str(order[1]), str(order[3])]
     assert [e['image'] for e in data['errors']] == [str(order[0]), str(order[2])]

@@ -47,14 +47,11 @@ def resume(path: Path, *overrides: str) -> list[str]:
     return logs
 
 
-def test_resume_after_epoch_1_through_ffcv(synthetic_betons, tmp_path):
+def test_resume_after_epoch_1_through_ffcv(baseline_run, tmp_path):
     """FFCV loader: epoch 2 resumed from epoch_001.pt gives the uninterrupted run's weights bit
     for bit, the log names where it resumes, and epoch 1's metrics line is left untouched.
     Catches a no-op resume (it would log nothing and rewrite epoch 1's line with new timings)."""
-    from training.trainer import train
-    base = tmp_path / 'base'
-    train('tiny_cpu', tiny(synthetic_betons, base, **{'output.save_every': 1, 'data.loader': 'ffcv'}),
-          log=lambda *_: None)
+    base = baseline_run[0]
     run = tmp_path / 'resumed'
     run.mkdir()
     shutil.copy(base / 'epoch_001.pt', run / 'last.pt')

@@ -28,15 +28,14 @@ def denorm(x: torch.Tensor) -> np.ndarray:
     return (x * std + mean).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
 
 
-def ffcv_epoch(betons, epoch, *, split='train', seed=0, aug=AUG):
+def ffcv_loader(betons, *, split='train', seed=0, aug=AUG):
     from ffcv_pipeline.loaders import make_loader, test_pipeline, train_pipeline
     from ffcv_pipeline.ops import AugmentationState
     state = AugmentationState(seed)
     pipes = (train_pipeline(device=CPU, dtype=torch.float32, state=state, **aug) if split == 'train'
              else test_pipeline(device=CPU, dtype=torch.float32))
-    ld = make_loader(betons / BETON_NAMES[split], batch_size=100, num_workers=1, order='sequential',
-                     os_cache=True, drop_last=False, state=state, pipelines=pipes)
-    return torch.cat([x.clone() for x, _ in ld.epoch(epoch)]), torch.cat([y.clone() for _, y in ld.epoch(epoch)])
+    return make_loader(betons / BETON_NAMES[split], batch_size=100, num_workers=1, order='sequential',
+                       os_cache=True, drop_last=False, state=state, pipelines=pipes)
 
 
 def torch_loader(betons, *, split='train', seed=0, aug=AUG, workers=2, shuffle=False, batch=100, **kw):
@@ -46,7 +45,7 @@ def torch_loader(betons, *, split='train', seed=0, aug=AUG, workers=2, shuffle=F
                              augment=aug, shuffle=shuffle, **kw)
 
 
-def torch_epoch(loader, epoch):
+def epoch_of(loader, epoch):
     xs, ys = zip(*[(x.clone(), y.clone()) for x, y in loader.epoch(epoch)])
     return torch.cat(xs), torch.cat(ys)
 
@@ -85,7 +84,8 @@ def aug_stats(aug: np.ndarray, src: np.ndarray) -> dict:
 
 @pytest.fixture(scope='module')
 def both(synthetic_betons):
-    return {e: (ffcv_epoch(synthetic_betons, e), torch_epoch(torch_loader(synthetic_betons), e)) for e in (0, 1)}
+    f, t = ffcv_loader(synthetic_betons), torch_loader(synthetic_betons)
+    return {e: (epoch_of(f, e), epoch_of(t, e)) for e in (0, 1)}
 
 
 def test_both_loaders_augment_every_image_identically(both, synthetic_data):
@@ -108,8 +108,8 @@ def test_both_loaders_augment_every_image_identically(both, synthetic_data):
 
 def test_without_augmentation_both_give_the_exact_pixels(synthetic_betons, synthetic_data):
     src = images_of(synthetic_data[2]).astype(np.int16)
-    fx, fy = ffcv_epoch(synthetic_betons, 0, split='test')
-    tx, ty = torch_epoch(torch_loader(synthetic_betons, split='test'), 0)
+    fx, fy = epoch_of(ffcv_loader(synthetic_betons, split='test'), 0)
+    tx, ty = epoch_of(torch_loader(synthetic_betons, split='test'), 0)
     assert (denorm(fx) == src).all() and (denorm(tx) == src).all()
     assert torch.allclose(fx, tx, atol=1e-6) and torch.equal(fy, ty)
     assert tx.is_contiguous(memory_format=torch.channels_last) and tx.dtype == torch.float32
@@ -119,13 +119,13 @@ def test_order_and_augmentation_are_functions_of_seed_and_epoch(synthetic_betons
     """Shuffled: each epoch a permutation of all images; the same for the same (seed, epoch)
     whatever the worker count or what ran before (a resumed run sees the same batches)."""
     a = torch_loader(synthetic_betons, shuffle=True, workers=2, batch=64)
-    e1_after_e0 = (torch_epoch(a, 0), torch_epoch(a, 1))[1]
-    alone = torch_epoch(torch_loader(synthetic_betons, shuffle=True, workers=1, batch=64), 1)
+    e1_after_e0 = (epoch_of(a, 0), epoch_of(a, 1))[1]
+    alone = epoch_of(torch_loader(synthetic_betons, shuffle=True, workers=1, batch=64), 1)
     assert torch.equal(e1_after_e0[0], alone[0]) and torch.equal(e1_after_e0[1], alone[1])
-    e0 = torch_epoch(a, 0)
+    e0 = epoch_of(a, 0)
     assert len(e0[1]) == 384  # drop_last: 6 batches of 64 out of 400
     assert not torch.equal(e0[1], alone[1])
-    other_seed = torch_epoch(torch_loader(synthetic_betons, shuffle=True, seed=1, batch=64), 1)
+    other_seed = epoch_of(torch_loader(synthetic_betons, shuffle=True, seed=1, batch=64), 1)
     assert not torch.equal(other_seed[1], alone[1])
 
 

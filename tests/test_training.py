@@ -37,17 +37,6 @@ def test_lr_schedule_shape():
     assert c[20] == pytest.approx(0.4) and c[60] == pytest.approx(0.2) and c[-1] < 1e-3
 
 
-@pytest.fixture(scope='module')
-def baseline_run(synthetic_betons, tmp_path_factory):
-    """An uninterrupted 2-epoch run through the FFCV loader, keeping epoch_001.pt."""
-    from training.trainer import train
-    out = tmp_path_factory.mktemp('runs') / 'baseline'
-    logs = []
-    summary = train('tiny_cpu', tiny(synthetic_betons, out, **{'output.save_every': 1,
-                                                               'data.loader': 'ffcv'}), log=logs.append)
-    return out, summary, logs
-
-
 def test_two_epochs_lower_the_loss_and_write_everything(baseline_run):
     out, summary, logs = baseline_run
     records = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
