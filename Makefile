@@ -52,3 +52,8 @@ EXPORT_ARGS ?= --onnx --space
 export: setup
 	@test -n "$(CHECKPOINT)" || { echo "error: no runs/*/best.pt; train one (make run) or give CHECKPOINT=path" >&2; exit 2; }
 	$(PY) scripts/export.py "$(CHECKPOINT)" --out "$(EXPORT_DIR)" $(EXPORT_ARGS)
+
+# make speedrun: rn18.yaml three times (seeds 0-2): time to 73% as a mean over runs
+SPEEDRUN_ARGS ?= --runs 3
+speedrun: data
+	$(PY) scripts/speedrun.py --config $(CONFIG) $(SPEEDRUN_ARGS)

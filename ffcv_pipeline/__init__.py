@@ -22,8 +22,8 @@ def ffcv_import_error() -> str | None:
 
 
 def ffcv_version() -> str:
-    """ffcv's version from its package metadata, else ``ffcv.__version__``, else 'unknown'
-    (a copied-in ffcv, as on the offline GPU host's kit, may lack the metadata)."""
+    """ffcv's version from its package metadata, else ``ffcv.__version__`` (marked: ffcv 1.0.2's
+    says 0.0.3rc1), else 'unknown' (a copied-in ffcv may lack the metadata)."""
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version('ffcv')
@@ -32,4 +32,5 @@ def ffcv_version() -> str:
             import ffcv
         except Exception:
             return 'not installed'
-        return str(getattr(ffcv, '__version__', 'unknown'))
+        v = getattr(ffcv, '__version__', None)
+        return f'{v} (ffcv.__version__)' if v else 'unknown'

@@ -268,3 +268,37 @@ def test_one_core_and_the_workqueue_threading_layer(synthetic_betons, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'ffcv loader with 1 workers' in r.stdout
     assert json.loads((tmp_path / 'wq' / 'metrics.jsonl').read_text())['train_images'] == 400
+
+
+def test_ffcv_version_without_package_metadata(synthetic_data, tmp_path, monkeypatch):
+    """A copied-in ffcv without its package metadata (importlib.metadata raises): the converter
+    still writes its outputs and the manifest says what it knows. Catches a bare
+    ``version('ffcv')`` (it would raise after the .beton files were written)."""
+    import importlib.metadata as md
+    from ffcv_pipeline import ffcv_version
+    from ffcv_pipeline.writer import write_datasets
+    real = md.version
+
+    def version(name):
+        if name == 'ffcv':
+            raise md.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(md, 'version', version)
+    assert ffcv_version() == '0.0.3rc1 (ffcv.__version__)'  # what ffcv 1.0.2's module says
+    res = write_datasets(synthetic_data[0], tmp_path / 'out', progress=False, log=lambda *_: None)
+    assert res.manifest['ffcv_version'] == '0.0.3rc1 (ffcv.__version__)'
+    assert (tmp_path / 'out' / BETON_NAMES['train']).is_file()
+
+
+@pytest.mark.parametrize('deterministic', [True, False])
+def test_training_deterministic_sets_cudnn(synthetic_betons, tmp_path, deterministic):
+    """``training.deterministic``: cuDNN's deterministic algorithms without autotuning (bit-exact
+    GPU resumes), else autotuning. Catches the trainer ignoring the key."""
+    from training.config import load_config
+    from training.trainer import Trainer
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.deterministic = not deterministic
+    cfg = load_config('tiny_cpu', tiny(synthetic_betons, tmp_path / 'det', **{
+        'data.loader': 'torchvision', 'training.deterministic': deterministic}))
+    Trainer(cfg, log=lambda *_: None).setup()
+    assert torch.backends.cudnn.deterministic is deterministic
+    assert torch.backends.cudnn.benchmark is (not deterministic)

@@ -97,7 +97,7 @@ class Trainer:
         D.init(self.info, self.device)
         self.dtype = resolve_precision(tc.precision, self.device)
         seed_everything(tc.seed)
-        configure_backends(self.device, deterministic=tc.deterministic)
+        configure_backends(deterministic=tc.deterministic)
         self.workers = workers_per_process(cfg.data.num_workers)
         channels_last = use_channels_last(cfg.model.channels_last, self.device, cfg.model.width)
         self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT, workers=self.workers,

@@ -1,0 +1,71 @@
+"""scripts/speedrun.py on the CPU: real (tiny) training runs through the real trainer, in their
+own processes; the table and speedrun.json hold the figures those runs wrote."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from conftest import as_cli, run_main, tiny
+
+
+def fast(betons, out, **extra):
+    """Overrides for every speedrun run (output.dir/name are the speedrun's own)."""
+    return [o for o in as_cli(tiny(betons, out, **{'data.loader': 'torchvision', 'training.target_top1': 0.02,
+                                                   **extra}))
+            if not o.startswith(('--output.dir', '--output.name'))]
+
+
+def test_speedrun_runs_seeds_per_recipe_and_averages_them(synthetic_betons, tmp_path):
+    """2 recipes x 2 seeds: four real runs; every aggregate is recomputed here from the runs'
+    own summary.json files. Catches a sweep that runs one recipe, seeds that are not applied,
+    or a table whose figures do not come from the runs."""
+    out = tmp_path / 'sr'
+    code, stdout, err = run_main('speedrun', '--config', 'tiny_cpu', '--runs', 2,
+                                 '--sweep', 'training.epochs=1,2', '--out', out,
+                                 *fast(synthetic_betons, tmp_path / 'x'))
+    assert code == 0, err
+    res = json.loads((out / 'speedrun.json').read_text())
+    runs = res['runs']
+    assert [(r['recipe'], r['seed']) for r in runs] == [
+        (['training.epochs=1'], 0), (['training.epochs=2'], 0), (['training.epochs=1'], 1), (['training.epochs=2'], 1)]
+    for r in runs:
+        own = json.loads((Path(r['run_dir']) / 'summary.json').read_text())
+        assert {k: r[k] for k in own} == own
+        assert r['epochs'] == int(r['recipe'][0].split('=')[1]) and r['loader'] == 'torchvision'
+        assert r['process_seconds'] >= r['total_seconds'] > 0
+        assert len(r['curve']) == r['epochs'] and r['curve'][-1][1] == r['final_top1']
+    assert len({(r['final_top1'], r['total_seconds']) for r in runs}) == 4  # four distinct runs
+    for agg in res['recipes']:
+        mine = [r for r in runs if r['recipe'] == agg['recipe']]
+        assert agg['runs'] == 2 and agg['failed'] == 0
+        assert agg['final_top1']['mean'] == pytest.approx(statistics.fmean(r['final_top1'] for r in mine))
+        assert agg['best_top1']['std'] == pytest.approx(statistics.stdev(r['best_top1'] for r in mine))
+        tt = [r['time_to_target_s'] for r in mine if r['time_to_target_s'] is not None]
+        assert agg['reached_target'] == len(tt)
+        assert agg['time_to_target_s'] == (None if not tt else {'mean': pytest.approx(statistics.fmean(tt)),
+                                                                 'min': min(tt), 'max': max(tt)})
+        assert agg['median_train_images_per_s'] == statistics.median(r['median_train_images_per_s'] for r in mine)
+        assert agg['label'] in stdout and f'{len(tt)}/2 reached' in stdout if tt else 'not reached (0/2)' in stdout
+    assert res['target_top1'] == 0.02 and res['environment']['device'].startswith('cpu')
+    assert not res['stopped_by_budget']
+    assert (out / 'speedrun.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_budget_stops_after_the_current_run_and_still_reports(synthetic_betons, tmp_path):
+    out = tmp_path / 'sr'
+    code, stdout, err = run_main('speedrun', '--config', 'tiny_cpu', '--runs', 3, '--budget-s', 0.5,
+                                 '--out', out, *fast(synthetic_betons, tmp_path / 'x', **{'training.epochs': 1}))
+    assert code == 0, err
+    res = json.loads((out / 'speedrun.json').read_text())
+    assert len(res['runs']) == 1 and res['stopped_by_budget'] and res['recipes'][0]['runs'] == 1
+    assert 'stopping after 1 of 3 runs' in stdout and 'as configured' in stdout
+
+
+def test_bad_sweep_fails_before_any_run(tmp_path):
+    code, _, err = run_main('speedrun', '--config', 'tiny_cpu', '--sweep', 'training.epoch=1,2', '--out', tmp_path)
+    assert code == 2 and "unknown key 'training.epoch'" in err and not (tmp_path / 'speedrun.json').exists()
+    code, _, err = run_main('speedrun', '--config', 'tiny_cpu', '--sweep', 'training.epochs', '--out', tmp_path)
+    assert code == 2 and 'expected section.key=v1,v2' in err
