@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=str(ROOT / 'bench_out'), help='folder for benchmark.json/.png')
     args = p.parse_args(argv)
 
+    from model.fileio import atomic_write_text
     from training.benchmark import LOADERS, Settings, run_benchmark
     from training.benchmark_report import format_table, plot
     loaders = tuple(k.strip() for k in args.loaders.split(',') if k.strip())
@@ -57,10 +58,10 @@ def main(argv=None) -> int:
     if args.tiny:  # every section, on a few hundred images and a narrow model
         s.overrides += ['data.batch_size=64', 'model.width=8']
         s.epochs, s.per_class, s.model_batch, s.model_steps, s.epoch_per_class = 1, 4, 16, 2, 1
-    res = run_benchmark(s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'benchmark.json').write_text(json.dumps(res, indent=2) + '\n')
+    # written after every section: a time limit (the GPU runbook's) keeps what was measured
+    res = run_benchmark(s, save=lambda r: atomic_write_text(out / 'benchmark.json', json.dumps(r, indent=2) + '\n'))
     plot(res, out / 'benchmark.png')
     print(format_table(res))
     print(f'wrote {out / "benchmark.json"} and {out / "benchmark.png"}')

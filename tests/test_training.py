@@ -302,3 +302,22 @@ def test_training_deterministic_sets_cudnn(synthetic_betons, tmp_path, determini
     Trainer(cfg, log=lambda *_: None).setup()
     assert torch.backends.cudnn.deterministic is deterministic
     assert torch.backends.cudnn.benchmark is (not deterministic)
+
+
+NOT_INSTALLED = '''
+import atexit, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]
+atexit.register(lambda: print('training from', sys.modules['training'].__file__))
+'''
+
+
+def test_scripts_run_from_a_checkout_that_is_not_installed(tmp_path):
+    """The offline GPU host's runbook runs ``python3 scripts/train.py`` from a checkout that was
+    never ``pip install``ed (a sitecustomize hides the editable install here): scripts/_cli.py
+    puts this checkout first on the path. Catches removing that fallback."""
+    (tmp_path / 'sitecustomize.py').write_text(NOT_INSTALLED)
+    r = subprocess.run([PY, 'scripts/train.py', '--config', 'tiny_cpu', '--data.loader', 'foo'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert r.returncode == 2 and "data.loader: 'foo' is not one of" in r.stderr, r.stderr
+    assert f'training from {ROOT / "training" / "__init__.py"}' in r.stdout

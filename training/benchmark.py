@@ -265,38 +265,46 @@ def environment(dev: torch.device) -> dict:
             'torch_threads': torch.get_num_threads(), 'date': time.strftime('%Y-%m-%d')}
 
 
-def run_benchmark(s: Settings, log=print) -> dict:
+def run_benchmark(s: Settings, log=print, save: Callable[[dict], None] | None = None) -> dict:
+    """Every section, most telling first (a time limit keeps the rest: ``save`` gets the result
+    after each section)."""
     b = Bench(s)
     res: dict = {'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()},
                  'environment': environment(b.dev), 'loaders': {}, 'full_epoch': {}}
+    save = save or (lambda _: None)
+    cl = use_channels_last(b.cfg.model.channels_last, b.dev, b.cfg.model.width)
     for kind in s.loaders:
         log(f'loader: {kind}, batch {b.cfg.data.batch_size}, {b.workers} workers ...')
         res['loaders'][kind] = b.loader(kind)
-    rate = {k: v['images_per_s_median'] for k, v in res['loaders'].items()}
-    res['loader_speedup'] = {f'ffcv/{k}': round(rate['ffcv'] / rate[k], 2)
-                             for k in rate if k != 'ffcv' and 'ffcv' in rate}
-    if s.compare_ops and 'ffcv' in s.loaders:
-        log('augmentation ops: ours vs FFCV built-in (uint8 out) ...')
-        res['augmentation_ops'] = b.augmentation_ops()
+        rate = {k: v['images_per_s_median'] for k, v in res['loaders'].items()}
+        res['loader_speedup'] = {f'ffcv/{k}': round(rate['ffcv'] / rate[k], 2)
+                                 for k in rate if k != 'ffcv' and 'ffcv' in rate}
+        save(res)
+    for kind in [k for k in s.loaders if k != 'classic'][:None if b.cuda else 1]:
+        log(f'full epoch ({kind} loader + step) ...')
+        res['full_epoch'][kind] = b.full_epoch(kind)
+        first = next(iter(res['full_epoch'].values()))
+        res['verdict'] = 'loader-bound' if first['data_wait_fraction'] > 0.05 else 'compute-bound'
+        save(res)
     log('model step ...')
-    cl = use_channels_last(b.cfg.model.channels_last, b.dev, b.cfg.model.width)
     res['model_step'] = b.model_step(dtype=b.dtype, channels_last=cl)
     if b.cuda:
         res['model_step_fp32_nchw'] = b.model_step(dtype=torch.float32, channels_last=False)
         res['amp_channels_last_speedup'] = round(res['model_step']['images_per_s'] /
                                                  res['model_step_fp32_nchw']['images_per_s'], 2)
+    save(res)
+    if s.compare_ops and 'ffcv' in s.loaders:
+        log('augmentation ops: ours vs FFCV built-in (uint8 out) ...')
+        res['augmentation_ops'] = b.augmentation_ops()
+        save(res)
     if s.compile if s.compile is not None else b.cuda:
         log('model step, torch.compile ...')
         res['model_step_compiled'] = b.model_step(dtype=b.dtype, channels_last=cl, compile=True)
         res['compile_speedup'] = round(res['model_step_compiled']['images_per_s'] /
                                        res['model_step']['images_per_s'], 2)
-    for kind in [k for k in s.loaders if k != 'classic'][:None if b.cuda else 1]:
-        log(f'full epoch ({kind} loader + step) ...')
-        res['full_epoch'][kind] = b.full_epoch(kind)
-    first = next(iter(res['full_epoch'].values()), None)
-    if first is not None:
-        res['verdict'] = 'loader-bound' if first['data_wait_fraction'] > 0.05 else 'compute-bound'
+        save(res)
     if s.archive is not None and Path(s.archive).is_file():
         log('conversion ...')
         res['conversion'] = bench_conversion(Path(s.archive))
+        save(res)
     return res

@@ -265,8 +265,11 @@ class Trainer:
         write_json(self.run_dir.path / 'summary.json', summary)
         if cfg.output.plot and records:
             best = summary['best_top1']
-            plot_curves(records, self.run_dir.path / 'curves.png', target=cfg.training.target_top1,
-                        title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''))
+            try:
+                plot_curves(records, self.run_dir.path / 'curves.png', target=cfg.training.target_top1,
+                            title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''))
+            except ImportError as e:  # a bare GPU host without matplotlib: the figures are in the JSON
+                self.log(f'note: no curves.png ({e})')
         fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')
         tt, target = summary['time_to_target_s'], cfg.training.target_top1
         reached = (f'reached {target:.0%} at {tt:.1f} s (epoch {summary["epoch_reached_target"]})'
