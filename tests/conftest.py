@@ -193,3 +193,34 @@ def baseline_run(synthetic_betons, tmp_path_factory):
     summary = train('tiny_cpu', tiny(synthetic_betons, out, **{'output.save_every': 1,
                                                                'data.loader': 'ffcv'}), log=logs.append)
     return out, summary, logs
+
+
+# --- checkpoints for the serving tests -----------------------------------------------------------------
+def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
+    """An untrained ResNet-18 checkpoint with non-trivial BatchNorm statistics (so that folding
+    BatchNorm into the convs is really exercised) and made-up training metrics."""
+    from model import build_model
+    from model.checkpoint import atomic_save, make_checkpoint
+    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+    torch.manual_seed(seed)
+    model = build_model('resnet18', num_classes=100, width=width)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    ckpt = make_checkpoint(model, model_config={'arch': 'resnet18', 'num_classes': 100, 'width': width},
+                           class_names=FINE_LABEL_NAMES, coarse_names=COARSE_LABEL_NAMES,
+                           fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+                           metrics={'test_top1': 0.7512, 'test_top5': 0.9301, 'train_seconds': 812.5,
+                                    'epochs_planned': 40},
+                           config={'note': 'test'}, epoch=40)
+    atomic_save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def full_size_ckpt(tmp_path_factory) -> Path:
+    """Full width (11.2 M parameters): latency and load figures measure the real model's cost."""
+    return make_test_checkpoint(tmp_path_factory.mktemp('ckpt64') / 'rn18.pt', width=64)

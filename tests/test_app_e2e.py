@@ -26,8 +26,7 @@ from PIL import Image
 from app.export import export
 from app.loadtest import launch_in_thread, run_load, serve_app
 from app.predictor import Predictor
-from conftest import ROOT, run_main
-from test_predictor import make_test_checkpoint
+from conftest import ROOT, make_test_checkpoint, run_main
 
 NO_COMPILE = {'COMPILE_MODEL': '0'}  # for the apps started only to check one thing
 # The load test's floors, chosen from measurements on the 2-core EPYC (docs/BENCHMARKS.md
@@ -44,9 +43,8 @@ TRAIN_HINT = 'python scripts/train.py --config rn18.yaml'
 
 
 @pytest.fixture(scope='module')
-def ckpt(tmp_path_factory) -> Path:
-    # full width: the load test should measure the real model's cost
-    return make_test_checkpoint(tmp_path_factory.mktemp('e2e') / 'rn18.pt', width=64)
+def ckpt(full_size_ckpt) -> Path:
+    return full_size_ckpt
 
 
 @pytest.fixture(scope='module')

@@ -5,7 +5,7 @@ model that disagrees with torch do (one line, exit 2, nothing written).
     .venv/bin/python -m pytest tests/test_export.py            # ~15 s on the 2-core CPU
     .venv/bin/python -m pytest tests/test_export.py -m slow    # + a real training run, ~2 min
 
-Checkpoints are untrained (test_predictor.make_test_checkpoint) except in the slow round trip,
+Checkpoints are untrained (conftest.make_test_checkpoint) except in the slow round trip,
 which trains one with scripts/train.py on a small synthetic data set.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 import app.export as export_module
 from app.predictor import Predictor
-from conftest import PY, ROOT, build_archive, make_split, run_main
-from test_predictor import make_test_checkpoint, rgb
+from conftest import PY, ROOT, build_archive, make_split, make_test_checkpoint, run_main
+from test_predictor import rgb
 
 
 @pytest.fixture(scope='module')

@@ -33,28 +33,8 @@ from app.torch_backend import compile_for_cpu, fold_batchnorm
 from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
-from conftest import PY, ROOT, run_main
+from conftest import PY, ROOT, make_test_checkpoint, run_main
 from model.checkpoint import atomic_save, make_checkpoint
-
-
-def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
-    """An untrained ResNet-18 checkpoint with non-trivial BatchNorm statistics."""
-    torch.manual_seed(seed)
-    model = build_model('resnet18', num_classes=100, width=width)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    ckpt = make_checkpoint(model, model_config={'arch': 'resnet18', 'num_classes': 100, 'width': width},
-                           class_names=FINE_LABEL_NAMES, coarse_names=COARSE_LABEL_NAMES,
-                           fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                           metrics={'test_top1': 0.7512, 'test_top5': 0.9301, 'train_seconds': 812.5,
-                                    'epochs_planned': 40},
-                           config={'note': 'test'}, epoch=40)
-    atomic_save(ckpt, path)
-    return path
 
 
 def make_test_onnx(ckpt_path: Path, out: Path, *, fp16: bool = False) -> Path:
@@ -490,11 +470,6 @@ def test_latency_times_predict_calls():
     r = latency(Slow(), 'img', 40)
     assert Slow.calls == 20 + 40 and r['n'] == 40
     assert 3 <= r['min_ms'] < 6 <= r['p95_ms'] and 3 <= r['p50_ms']
-
-
-@pytest.fixture(scope='module')
-def full_size_ckpt(tmp_path_factory) -> Path:
-    return make_test_checkpoint(tmp_path_factory.mktemp('ckpt64') / 'rn18.pt', width=64)
 
 
 @pytest.fixture(scope='module')

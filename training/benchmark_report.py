@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.fileio import atomic_write
+from .metrics import save_figure
 
 LOADER_LABELS = {'ffcv': 'FFCV (JIT aug + normalize)',
                  'torchvision': 'torchvision path (DataLoader, numpy batch aug)',
@@ -67,8 +67,4 @@ def plot(res: dict, path: Path) -> None:
     ax.bar_label(drawn, labels=[f'{v:,.0f}' for _, v in bars], padding=3)
     env = res['environment']
     ax.set_title(f"{env['gpu'] or env['cpu']} ({env['cores']} cores)")
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -93,6 +93,12 @@ def plot_curves(records: list[dict], path: Path, *, title: str = '', target: flo
     axes[3].set_xlabel('epoch'), axes[3].set_ylabel('training images/s')
     if title:
         fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically as a PNG (a full disk: DiskFullError), and free the figure."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.fileio import atomic_write, atomic_write_text
+from model.fileio import atomic_write_text
 
 from .config import ROOT, ConfigError, load_config
-from .metrics import read_jsonl
+from .metrics import read_jsonl, save_figure
 
 
 @dataclass
@@ -156,11 +156,7 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{result['environment']['device']}: {result['config']}")
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def environment(plan: Plan) -> dict:

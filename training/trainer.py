@@ -151,7 +151,8 @@ class Trainer:
         jit_s = self.warmup_jit()
         setup_s = time.perf_counter() - self.t_start
         if main:
-            self.log(f'set-up {setup_s:.1f} s, of which FFCV/numba JIT compilation {jit_s:.1f} s')
+            what = 'FFCV/numba JIT compilation' if self.data.loader == 'ffcv' else 'loader workers starting'
+            self.log(f'set-up {setup_s:.1f} s, of which {what} {jit_s:.1f} s')
         for epoch in range(self.start.epoch, cfg.training.epochs):
             first = epoch == self.start.epoch
             stats = EpochStats.start(self.device, self.start.partial if first else None, is_main=main)
@@ -256,7 +257,8 @@ class Trainer:
         summary = summarize(
             records, target=cfg.training.target_top1, config=self.config_name,
             run_dir=str(self.run_dir.path), total_seconds=round(self._elapsed(), 3),
-            setup_seconds=round(setup_s, 3), numba_compile_seconds=round(jit_s, 3),
+            setup_seconds=round(setup_s, 3), loader_warmup_seconds=round(jit_s, 3),
+            numba_compile_seconds=round(jit_s, 3) if self.data.loader == 'ffcv' else None,
             epochs=cfg.training.epochs, world_size=self.info.world_size,
             device=device_name(self.device),
             gpu=device_name(self.device) if self.device.type == 'cuda' else None,
