@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -86,6 +87,14 @@ class _WorkerWatchdog:
             def start(self):
                 watchdog.processes.append(self)
                 super().start()
+
+            def run(self):  # a full disk: exit 1 quietly (the parent says it in one line)
+                try:
+                    super().run()
+                except OSError as e:
+                    if not is_disk_full(e):
+                        raise
+                    sys.exit(1)
         self.process_class = Recorded
 
     def _run(self):
@@ -123,6 +132,10 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
         for p in watchdog.processes:
             if p.is_alive():
                 p.terminate()
+        sm = getattr(writer, 'metadata_sm', None)  # ffcv frees its shared memory only on success
+        if sm is not None:
+            sm.close()
+            sm.unlink()
         if watchdog.failed is not None:
             import shutil
             free, need = shutil.disk_usage(path.parent).free, len(split) * (split.images[0].nbytes + 128)

@@ -63,16 +63,16 @@ def _corrupt(kind: str, folder: Path) -> tuple[Path, str]:
     if kind == 'grown':  # bytes appended: the manifest's size no longer matches
         f.write_bytes(raw + b'\0' * 24)
         return f, 'truncated or corrupt'
-    if kind == 'manifest_size':
+    if kind in ('manifest_size', 'manifest_count'):  # the file or the manifest was changed since
         m = json.loads((folder / MANIFEST_NAME).read_text())
-        m['splits']['train']['bytes'] += 1
+        m['splits']['train']['bytes' if kind == 'manifest_size' else 'count'] += 1
         (folder / MANIFEST_NAME).write_text(json.dumps(m))
         return f, 'but manifest.json records'
     raise AssertionError(kind)
 
 
 KINDS = ['corrupt_header', 'not_a_beton', 'truncated', 'truncated_table', 'empty', 'tiny',
-         'other_fields', 'grown', 'manifest_size']
+         'other_fields', 'grown', 'manifest_size', 'manifest_count']
 
 
 @pytest.mark.parametrize('kind', KINDS)

@@ -179,3 +179,18 @@ def test_a_failing_loading_thread_raises_instead_of_hanging(synthetic_betons):
     assert not t.is_alive(), 'the loader hung'
     assert 'FFCV loading failed' in result.get('error', '') and 'inference tensor' in result['error']
     assert sum(len(y) for _, y in ld.epoch(0)) == 200  # the loader still works afterwards
+
+
+def test_leaving_an_epoch_early_joins_the_loading_thread(synthetic_betons):
+    """Breaking out of an epoch (the JIT warm-up does) stops *and joins* FFCV's loading thread,
+    so two loaders never run numba code at once (the workqueue threading layer aborts on that).
+    Catches a close without the join: the thread would still be alive here."""
+    import threading
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv_pipeline.loaders import make_loader, test_pipeline
+    ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=20, num_workers=1,
+                     order='sequential', os_cache=True, drop_last=False,
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+    for _ in ld.epoch(0):
+        break
+    assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]

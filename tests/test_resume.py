@@ -104,9 +104,17 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(ref_run, synthetic_bet
     run = tmp_path / 'stopped'
     trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 10})),
                       log=lambda *_: None)
+
+    def unhandled(signum, frame):  # were the trainer not to handle it, this would run instead
+        raise AssertionError(f'signal {signum} reached the default handler, not the trainer')
+    previous = signal.signal(sig, unhandled) if sig != signal.SIGINT else None
     _interrupt_at(trainer, 5, sig)
-    with pytest.raises(TrainingInterrupted):
-        trainer.run()
+    try:
+        with pytest.raises(TrainingInterrupted):
+            trainer.run()
+    finally:
+        if previous is not None:
+            signal.signal(sig, previous)
     ck = torch.load(run / 'interrupted.pt', map_location='cpu', weights_only=True)
     assert 5 <= ck['batch'] < 40 and ck['epoch'] == 0 and ck['step'] == ck['batch']  # mid-epoch
     assert not (run / 'metrics.jsonl').exists()  # no epoch finished

@@ -180,15 +180,17 @@ from training.trainer import Trainer
 cfg = load_config('tiny_cpu', sys.argv[2:])
 t = Trainer(cfg, log=lambda *a: None)
 t.run()
-torch.save(t.model.state_dict(), f'{sys.argv[1]}/rank{t.info.rank}.pt')
+t.data.train.sampler.epoch = 0  # the samples this rank trained on in epoch 0
+seen = torch.tensor([int(i) for _, idx in t.data.train.sampler for i in idx])
+torch.save({'weights': t.model.state_dict(), 'seen': seen}, f'{sys.argv[1]}/rank{t.info.rank}.pt')
 '''
 
 
 def test_ddp_ranks_stay_in_sync_on_their_shards(synthetic_betons, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): both ranks end on identical weights (the gradient
-    all-reduce works: removing the DDP wrapper makes them differ), which differ from one
-    process training alone with the same per-process batch (each rank saw only its shard: a
-    loader that gives every rank all the data would make them equal). Rank 0 alone writes."""
+    """torchrun --nproc_per_node 2 (gloo): each rank trains on its own half of the data
+    (disjoint shards: a loader that shards nothing is caught), both ranks end on identical
+    weights (the gradient all-reduce works: removing the DDP wrapper makes them differ), which
+    differ from one process training alone with the same per-process batch. Rank 0 alone writes."""
     from training.trainer import train
     run = tmp_path / 'ddp'
     probe = tmp_path / 'probe.py'
@@ -199,7 +201,9 @@ def test_ddp_ranks_stay_in_sync_on_their_shards(synthetic_betons, tmp_path):
                         str(probe), str(tmp_path), *overrides], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1))
+    (r0, s0), (r1, s1) = ((d['weights'], d['seen']) for d in
+                          (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1)))
+    assert len(s0) == len(s1) == 200 and not set(s0.tolist()) & set(s1.tolist())  # disjoint shards
     assert same_weights(r0, r1)
     assert same_weights(r0, weights(run / 'last.pt'))
     alone = tmp_path / 'alone'

@@ -14,7 +14,7 @@ import pytest
 
 from types import SimpleNamespace
 
-from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_main
+from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_main, run_script
 from ffcv_pipeline.archive import DatasetError, read_cifar100
 from ffcv_pipeline.constants import ARRAY_NAMES, BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
 
@@ -235,7 +235,9 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path, synthetic_data):
 def test_full_disk_is_one_line_and_keeps_earlier_outputs(small_disk, synthetic_data, tmp_path):
     """A real full disk (a 2.5 MB tmpfs; each synthetic .beton is 16 MB): one line saying so,
     exit code != 0, no temporary file left."""
-    r = convert('--source', synthetic_data[0], '--out', small_disk / 'out', '--quiet', '--workers', 1)
+    # a subprocess with a time limit: a writer that waits forever on its dead workers fails here
+    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', small_disk / 'out',
+                   '--quiet', '--workers', 1, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f'error: {small_disk / "out"}') and 'disk is full' in r.stderr, r.stderr
     assert not [p for p in (small_disk / 'out').iterdir() if p.name.startswith('.')]
