@@ -36,6 +36,10 @@ class TrainingData:
     loader: str = 'ffcv'  # which loader: 'ffcv' or 'torchvision'
     notices: list[str] = field(default_factory=list)  # one-line warnings for the log
 
+    def close(self) -> None:
+        self.train.close()
+        self.test.close()
+
 
 def resolve_path(p: str | Path, root: Path) -> Path:
     """Config paths are relative to the repository root, not to the working directory."""

@@ -140,6 +140,9 @@ class CifarLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def close(self) -> None:
+        """Nothing to stop: every epoch's thread ends (or is joined) with the epoch."""
+
     @property
     def num_samples(self) -> int:
         return len(self.loader.indices)

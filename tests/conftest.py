@@ -3,10 +3,17 @@ the real archive from ../shared/data when present (tests that need it skip other
 training runs, and the scripts' ``main`` functions for in-process command-line tests."""
 from __future__ import annotations
 
+import os
+
+# The tests' JIT-compiled FFCV pipelines run a few hundred images: numba's lowest optimization
+# level compiles them ~30% sooner and computes the same results (semantics do not depend on
+# it). Set before numba is imported; subprocesses inherit it. Benchmarks and `make check` run
+# outside pytest, at numba's default level.
+os.environ.setdefault('NUMBA_OPT', '0')
+
 import contextlib
 import importlib.util
 import io
-import os
 import pickle
 import subprocess
 import sys

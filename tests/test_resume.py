@@ -31,11 +31,11 @@ def lines(path: Path) -> list[str]:
 
 @pytest.fixture(scope='module')
 def ref_run(synthetic_betons, tmp_path_factory):
-    """An uninterrupted 2-epoch run (torchvision loader, batch 10: 40 steps/epoch), keeping
+    """An uninterrupted 2-epoch run (torchvision loader, batch 20: 20 steps/epoch), keeping
     epoch_001.pt for the resume tests."""
     from training.trainer import train
     out = tmp_path_factory.mktemp('ref') / 'ref'
-    train('tiny_cpu', tv(synthetic_betons, out, **{'data.batch_size': 10, 'output.save_every': 1}),
+    train('tiny_cpu', tv(synthetic_betons, out, **{'data.batch_size': 20, 'output.save_every': 1}),
           log=lambda *_: None)
     return out
 
@@ -95,14 +95,14 @@ def _interrupt_at(trainer, step: int, sig=signal.SIGINT):
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['ctrl-c', 'sigterm'])
 def test_stop_mid_epoch_then_resume_matches_uninterrupted(ref_run, synthetic_betons, tmp_path, sig):
-    """SIGINT/SIGTERM at step 5 of 40 -> interrupted.pt at the next batch boundary; resuming it
+    """SIGINT/SIGTERM at step 5 of 20 -> interrupted.pt at the next batch boundary; resuming it
     ends on the uninterrupted run's weights, and the resumed run starts at that batch (the log
     says so). Catches a no-op resume (no log line), a lost optimizer state or batch position
     (other weights), and a handler that ignores SIGTERM (the run would not stop)."""
     from training.config import load_config
     from training.trainer import Trainer, TrainingInterrupted
     run = tmp_path / 'stopped'
-    trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 10})),
+    trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 20})),
                       log=lambda *_: None)
 
     def unhandled(signum, frame):  # were the trainer not to handle it, this would run instead
@@ -116,7 +116,7 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(ref_run, synthetic_bet
         if previous is not None:
             signal.signal(sig, previous)
     ck = torch.load(run / 'interrupted.pt', map_location='cpu', weights_only=True)
-    assert 5 <= ck['batch'] < 40 and ck['epoch'] == 0 and ck['step'] == ck['batch']  # mid-epoch
+    assert 5 <= ck['batch'] < 20 and ck['epoch'] == 0 and ck['step'] == ck['batch']  # mid-epoch
     assert not (run / 'metrics.jsonl').exists()  # no epoch finished
     logs = resume(run / 'interrupted.pt')
     assert f'resuming {run / "interrupted.pt"} at epoch 1, batch {ck["batch"]} (step {ck["step"]})' in logs
@@ -135,7 +135,7 @@ def test_ctrl_c_during_evaluation_stops_after_the_epoch(ref_run, synthetic_beton
     from training.config import load_config
     from training.trainer import Trainer, TrainingInterrupted
     run = tmp_path / 'evalstop'
-    trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 10})),
+    trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 20})),
                       log=lambda *_: None)
     evaluate = trainer.evaluate
 
@@ -251,14 +251,14 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(ref_run
     assert not (run / 'best.pt').exists()
 
 
-def test_full_disk_during_a_checkpoint(small_disk, synthetic_betons, tmp_path):
+def test_full_disk_during_a_checkpoint(small_disk, ref_run, synthetic_betons, tmp_path):
     """The disk fills up while epoch 2's checkpoint is written (2.5 MB: epoch 1's last.pt/best.pt
     pair, 1.5 MB, fits; a second copy beside it does not): one line naming the file and the
     full disk, exit code 2, no temporary file left, and epoch 1's checkpoint intact and
     resumable (finishing the run elsewhere gives the uninterrupted weights)."""
-    from training.trainer import train
     run = small_disk / 'run'
-    code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, run)))
+    code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, run, **{
+        'data.batch_size': 20})))  # ref_run's recipe
     lines_ = err.strip().splitlines()
     assert code == 2 and len(lines_) == 1, err
     assert lines_[0].startswith(f'error: {run / "last.pt"}: the disk is full (No space left on device')
@@ -268,9 +268,7 @@ def test_full_disk_during_a_checkpoint(small_disk, synthetic_betons, tmp_path):
     moved = tmp_path / 'moved'
     shutil.copytree(run, moved)
     resume(moved / 'last.pt')
-    ref = tmp_path / 'ref'
-    train('tiny_cpu', tv(synthetic_betons, ref), log=lambda *_: None)
-    assert same_weights(ref / 'last.pt', moved / 'last.pt')
+    assert same_weights(ref_run / 'last.pt', moved / 'last.pt')
 
 
 @pytest.mark.parametrize('victim', ['metrics.jsonl', 'summary.json', 'curves.png'])

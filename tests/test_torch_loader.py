@@ -38,11 +38,22 @@ def ffcv_loader(betons, *, split='train', seed=0, aug=AUG):
                        os_cache=True, drop_last=False, state=state, pipelines=pipes)
 
 
+OPEN: list = []  # loaders made by a test, closed after it (their worker processes end at once)
+
+
+@pytest.fixture(autouse=True)
+def close_loaders():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def torch_loader(betons, *, split='train', seed=0, aug=AUG, workers=2, shuffle=False, batch=100, **kw):
     from ffcv_pipeline.torch_loader import make_torch_loader
-    return make_torch_loader(betons / f'cifar100_{split}.npy', batch_size=batch, num_workers=workers,
-                             device=CPU, dtype=torch.float32, seed=seed, train=split == 'train',
-                             augment=aug, shuffle=shuffle, **kw)
+    OPEN.append(make_torch_loader(betons / f'cifar100_{split}.npy', batch_size=batch, num_workers=workers,
+                                  device=CPU, dtype=torch.float32, seed=seed, train=split == 'train',
+                                  augment=aug, shuffle=shuffle, **kw))
+    return OPEN[-1]
 
 
 def epoch_of(loader, epoch):

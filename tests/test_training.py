@@ -177,20 +177,43 @@ DDP_PROBE = '''
 import sys, torch, torch.distributed as dist
 from training.config import load_config
 from training.trainer import Trainer
-cfg = load_config('tiny_cpu', sys.argv[2:])
-t = Trainer(cfg, log=lambda *a: None)
+out, index_beton, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+t = Trainer(load_config('tiny_cpu', overrides), log=lambda *a: None)
 t.run()
 t.data.train.sampler.epoch = 0  # the samples this rank trained on in epoch 0
 seen = torch.tensor([int(i) for _, idx in t.data.train.sampler for i in idx])
-torch.save({'weights': t.model.state_dict(), 'seen': seen}, f'{sys.argv[1]}/rank{t.info.rank}.pt')
+# FFCV's own distributed order, through make_loader: labels hold the sample index here
+from ffcv.fields.basics import IntDecoder
+from ffcv.transforms import ToTensor
+from ffcv_pipeline.loaders import make_loader
+ld = make_loader(index_beton, batch_size=10, num_workers=1, order='quasi_random', os_cache=True,
+                 drop_last=True, distributed=True, seed=0,
+                 pipelines={'image': None, 'label': [IntDecoder(), ToTensor()]})
+ffcv_seen = {e: torch.cat([y.ravel().clone() for (y,) in ld.epoch(e)]) for e in (0, 1)}
+torch.save({'weights': t.model.state_dict(), 'seen': seen, 'ffcv': ffcv_seen}, f'{out}/rank{t.info.rank}.pt')
 '''
+
+
+def index_beton(path):
+    """A .beton whose labels are the sample indices (200 samples)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class DS:
+        def __len__(self): return 200
+        def __getitem__(self, i): return np.zeros((32, 32, 3), np.uint8), i
+    DatasetWriter(str(path), {'image': RGBImageField(write_mode='raw'), 'label': IntField()},
+                  num_workers=1).from_indexed_dataset(DS())
+    return path
 
 
 def test_ddp_ranks_stay_in_sync_on_their_shards(synthetic_betons, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): each rank trains on its own half of the data
     (disjoint shards: a loader that shards nothing is caught), both ranks end on identical
     weights (the gradient all-reduce works: removing the DDP wrapper makes them differ), which
-    differ from one process training alone with the same per-process batch. Rank 0 alone writes."""
+    differ from one process training alone with the same per-process batch. Rank 0 alone writes.
+    The same two processes check FFCV's distributed loading through make_loader: each sample
+    goes to exactly one rank, and the split changes between epochs."""
     from training.trainer import train
     run = tmp_path / 'ddp'
     probe = tmp_path / 'probe.py'
@@ -198,12 +221,18 @@ def test_ddp_ranks_stay_in_sync_on_their_shards(synthetic_betons, tmp_path):
     overrides = tiny(synthetic_betons, run, **{'data.num_workers': 1, 'data.batch_size': 25,
                                                'data.loader': 'torchvision'})
     r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        str(probe), str(tmp_path), *overrides], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                        str(probe), str(tmp_path), index_beton(tmp_path / 'index.beton'), *overrides],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    (r0, s0), (r1, s1) = ((d['weights'], d['seen']) for d in
-                          (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1)))
+    ranks = [torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1)]
+    (r0, s0), (r1, s1) = ((d['weights'], d['seen']) for d in ranks)
     assert len(s0) == len(s1) == 200 and not set(s0.tolist()) & set(s1.tolist())  # disjoint shards
+    for e in (0, 1):  # FFCV's distributed order
+        a, b = (set(d['ffcv'][e].tolist()) for d in ranks)
+        assert len(ranks[0]['ffcv'][e]) == len(a) == 100 and len(b) == 100
+        assert not a & b and a | b == set(range(200))
+    assert not torch.equal(ranks[0]['ffcv'][0], ranks[0]['ffcv'][1])
     assert same_weights(r0, r1)
     assert same_weights(r0, weights(run / 'last.pt'))
     alone = tmp_path / 'alone'
@@ -214,47 +243,6 @@ def test_ddp_ranks_stay_in_sync_on_their_shards(synthetic_betons, tmp_path):
     assert [x['epoch'] for x in records] == [1, 2]  # one writer, not two
     assert all(x['train_images'] == 400 and x['test_images'] == 200 for x in records)
     assert sorted(p.name for p in run.glob('*.pt')) == ['best.pt', 'last.pt']
-
-
-PROBE = '''
-import json, os, sys
-import numpy as np, torch, torch.distributed as dist
-from ffcv.fields.basics import IntDecoder
-from ffcv.transforms import ToTensor
-from ffcv_pipeline.loaders import make_loader
-dist.init_process_group('gloo')
-loader = make_loader({beton!r}, batch_size=10, num_workers=1, order='quasi_random', os_cache=True,
-                     drop_last=True, distributed=True, seed=0,
-                     pipelines={{'image': None, 'label': [IntDecoder(), ToTensor()]}})
-seen = {{e: [int(i) for (y,) in loader.epoch(e) for i in y.ravel()] for e in (0, 1)}}
-json.dump(seen, open(os.path.join({out!r}, f'rank{{dist.get_rank()}}.json'), 'w'))
-dist.destroy_process_group()
-'''
-
-
-def test_ddp_ranks_see_disjoint_data(tmp_path):
-    """FFCV distributed loading through make_loader: each sample goes to exactly one rank,
-    and the split changes between epochs. Labels hold the sample index here."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    beton = tmp_path / 'index.beton'
-
-    class DS:
-        def __len__(self): return 200
-        def __getitem__(self, i): return np.zeros((32, 32, 3), np.uint8), i
-    DatasetWriter(str(beton), {'image': RGBImageField(write_mode='raw'), 'label': IntField()},
-                  num_workers=1).from_indexed_dataset(DS())
-    script = tmp_path / 'probe.py'
-    script.write_text(PROBE.format(beton=str(beton), out=str(tmp_path)))
-    r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                        str(script)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f'rank{i}.json').read_text()) for i in (0, 1)]
-    for e in ('0', '1'):
-        a, b = set(ranks[0][e]), set(ranks[1][e])
-        assert len(ranks[0][e]) == len(a) == 100 and len(b) == 100
-        assert not a & b and a | b == set(range(200))
-    assert ranks[0]['0'] != ranks[0]['1']
 
 
 def test_one_core_and_the_workqueue_threading_layer(synthetic_betons, tmp_path):

@@ -145,6 +145,12 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         self.setup()
+        try:
+            return self._run()
+        finally:  # the torchvision loader's worker processes end with the run, not at some GC
+            self.data.close()
+
+    def _run(self) -> dict:
         cfg, main = self.cfg, self.info.is_main
         if main:
             self._log_start()
