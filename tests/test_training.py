@@ -47,6 +47,7 @@ def test_two_epochs_lower_the_loss_and_write_everything(baseline_run):
                     'train_images_per_s', 'wallclock_s'):
             assert isinstance(r[key], float) and r[key] >= 0, key
         assert r['train_images'] == 400 and r['test_images'] == 200
+        assert 0 < r['data_wait_fraction'] < 1  # the time spent waiting for batches, measured
     assert records[1]['wallclock_s'] > records[0]['wallclock_s']
     s = json.loads((out / 'summary.json').read_text())
     assert s == summary
@@ -55,6 +56,7 @@ def test_two_epochs_lower_the_loss_and_write_everything(baseline_run):
     assert s['target_top1'] == 0.05 and (s['time_to_target_s'] is None) == (s['best_top1'] < 0.05)
     # images/s: the median over the epochs after the first (here: the second one's)
     assert s['median_train_images_per_s'] == records[1]['train_images_per_s']
+    assert s['median_data_wait_fraction'] == records[1]['data_wait_fraction']
     assert s['loader'] == 'ffcv' and s['gpu'] is None and s['device'].startswith('cpu (')
     assert any('ffcv loader with 2 workers' in line for line in logs)
     assert (out / 'curves.png').read_bytes()[:4] == b'\x89PNG'

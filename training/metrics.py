@@ -42,11 +42,11 @@ def time_to_target(records: list[dict], target: float) -> tuple[float | None, in
     return None, None
 
 
-def median_images_per_s(records: list[dict]) -> float | None:
-    """Median training images/s over the epochs after the first (the first one carries cuDNN
+def median_after_first(records: list[dict], key: str) -> float | None:
+    """Median of ``key`` over the epochs after the first (the first one carries cuDNN
     autotuning and allocator warm-up); the first epoch's when it is the only one."""
-    rates = [r['train_images_per_s'] for r in (records[1:] or records)]
-    return statistics.median(rates) if rates else None
+    values = [r[key] for r in (records[1:] or records) if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def summarize(records: list[dict], *, target: float, **extra) -> dict:
@@ -61,7 +61,8 @@ def summarize(records: list[dict], *, target: float, **extra) -> dict:
         'target_top1': target, 'time_to_target_s': tt, 'epoch_reached_target': te,
         'train_seconds': round(sum(r['epoch_seconds'] for r in records), 3),
         'eval_seconds': round(sum(r['eval_seconds'] for r in records), 3),
-        'median_train_images_per_s': median_images_per_s(records),
+        'median_train_images_per_s': median_after_first(records, 'train_images_per_s'),
+        'median_data_wait_fraction': median_after_first(records, 'data_wait_fraction'),
         **extra,
     }
 

@@ -52,6 +52,7 @@ class EpochStats:
     correct: torch.Tensor
     seen: int = 0
     seconds: float = 0.0
+    wait_s: float = 0.0  # of those seconds, waiting for the next batch
 
     @classmethod
     def start(cls, device, partial: dict | None = None, *, is_main: bool = True) -> 'EpochStats':
@@ -60,7 +61,7 @@ class EpochStats:
         s = cls(torch.zeros((), device=device, dtype=accum_dtype(device)),
                 torch.zeros((), device=device, dtype=accum_dtype(device)))
         if partial:
-            s.seconds = partial['seconds']
+            s.seconds, s.wait_s = partial['seconds'], partial.get('wait_s', 0.0)
             if is_main:
                 s.loss_sum += partial['loss_sum']
                 s.correct += partial['correct']
@@ -77,7 +78,8 @@ class EpochStats:
         t = D.all_reduce_sum(torch.stack([self.loss_sum, self.correct, torch.tensor(
             float(self.seen), device=self.loss_sum.device, dtype=self.loss_sum.dtype)]))
         loss_sum, correct, seen = t.tolist()
-        return {'loss_sum': loss_sum, 'correct': correct, 'seen': int(seen), 'seconds': self.seconds}
+        return {'loss_sum': loss_sum, 'correct': correct, 'seen': int(seen), 'seconds': self.seconds,
+                'wait_s': self.wait_s}
 
 
 @dataclass
@@ -175,7 +177,7 @@ class Trainer:
         bar = self._progress_bar(epoch)
         t0 = time.perf_counter()
         try:
-            for b, (x, y) in self.batches(epoch):
+            for b, (x, y) in self.batches(epoch, stats):
                 loss, logits = self.train_step(x, y, self.lrs[self.step])
                 self.step += 1
                 stats.add(loss, logits, y)
@@ -189,11 +191,18 @@ class Trainer:
         sync(self.device)
         stats.seconds += time.perf_counter() - t0
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, stats: EpochStats):
         """(index, (x, y)) of ``epoch``, less the batches a resumed run already trained on;
-        raises ``_StopAtBatchBoundary`` at the first batch boundary after a stop request."""
+        raises ``_StopAtBatchBoundary`` at the first batch boundary after a stop request. The
+        time spent waiting for each batch goes to ``stats.wait_s`` (is the loader keeping up?)."""
         skip = self.start.batch if epoch == self.start.epoch else 0
-        for b, batch in enumerate(self.data.train.epoch(epoch)):
+        it = enumerate(self.data.train.epoch(epoch))
+        while True:
+            t = time.perf_counter()
+            b, batch = next(it, (None, None))
+            stats.wait_s += time.perf_counter() - t
+            if b is None:
+                return
             if b < skip:
                 continue
             if (self.stop.requested if not self.info.enabled else
@@ -235,6 +244,7 @@ class Trainer:
             'train_loss': tot['loss_sum'] / tot['seen'], 'train_acc': tot['correct'] / tot['seen'],
             'test_top1': top1, 'test_top5': top5,
             'epoch_seconds': round(stats.seconds, 4), 'eval_seconds': round(eval_s, 4),
+            'data_wait_fraction': round(stats.wait_s / stats.seconds, 5),
             'train_images_per_s': round(tot['seen'] / stats.seconds, 1),
             'train_images': tot['seen'], 'test_images': n_test,
             'wallclock_s': round(self._elapsed(), 3),
