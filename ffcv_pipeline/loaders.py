@@ -11,6 +11,7 @@ normalization is FFCV's numba ``NormalizeImage`` (float32 out; autocast handles 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+import ffcv.loader.epoch_iterator as _epoch_iterator_module
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
@@ -89,10 +91,35 @@ class StableQuasiRandom(QuasiRandom):
         return super().sample_order(epoch)
 
 
-def _run_reporting_errors(self):
-    """FFCV's loading thread dies silently on an exception, and the consumer then waits forever
-    for its next batch. Record the exception and end the epoch (the ``None`` FFCV's
-    ``__next__`` reads as the end); ``CifarLoader.epoch`` raises it."""
+# Two repairs to FFCV's loading thread (ffcv/loader/epoch_iterator.py), so that an epoch can be
+# left early (the JIT warm-up, a Ctrl-C, an error) and its thread joined at once:
+# 1. it waits forever, on a full queue, to hand over its end-of-epoch marker: a consumer that
+#    left the epoch within its last few batches never takes it, and joining the thread hangs
+#    (seen with the 4-batch test set of cpu_small.yaml). Its queue's blocking puts also give up
+#    once the iterator is closed, and wake every 20 ms to notice that;
+# 2. it dies silently on an exception, and its consumer then waits forever for the next batch.
+#    The exception is recorded and the epoch ended; ``CifarLoader.epoch`` raises it.
+class _ClosableQueue(queue.Queue):
+    closed = None  # the EpochIterator's terminate_event, set when its thread starts
+
+    def put(self, item, block=True, timeout=None):
+        if not block or self.closed is None:
+            return super().put(item, block, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return super().put(item, timeout=0.02)
+            except queue.Full:
+                if self.closed.is_set():
+                    if timeout is None:
+                        return  # the end-of-epoch marker: nobody will read it
+                    raise  # FFCV's own put loop checks for the close after a Full
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+
+def _run_repaired(self):
+    self.output_queue.closed = self.terminate_event
     try:
         _ffcv_run(self)
     except BaseException as e:
@@ -101,7 +128,8 @@ def _run_reporting_errors(self):
 
 
 _ffcv_run = getattr(EpochIterator.run, 'ffcv_run', EpochIterator.run)  # idempotent on reload
-EpochIterator.run, _run_reporting_errors.ffcv_run = _run_reporting_errors, _ffcv_run
+EpochIterator.run, _run_repaired.ffcv_run = _run_repaired, _ffcv_run
+_epoch_iterator_module.Queue = _ClosableQueue
 
 
 # Test hook for the acceptance checks (scripts/check_figures.py): a sleep per training batch, so

@@ -183,14 +183,27 @@ def test_a_failing_loading_thread_raises_instead_of_hanging(synthetic_betons):
 
 def test_leaving_an_epoch_early_joins_the_loading_thread(synthetic_betons):
     """Breaking out of an epoch (the JIT warm-up does) stops *and joins* FFCV's loading thread,
-    so two loaders never run numba code at once (the workqueue threading layer aborts on that).
-    Catches a close without the join: the thread would still be alive here."""
+    so two loaders never run numba code at once (the workqueue threading layer aborts on that),
+    also near the epoch's end. Catches a close without the join (the thread would still be
+    alive here) and a join that waits on FFCV's untimed end-of-epoch put (a hang)."""
     import threading
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv_pipeline.loaders import make_loader, test_pipeline
     ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=20, num_workers=1,
                      order='sequential', os_cache=True, drop_last=False,
                      pipelines=test_pipeline(device=CPU, dtype=torch.float32))
-    for _ in ld.epoch(0):
+    for _ in ld.epoch(0):  # 10 batches: FFCV's thread is still producing
         break
+    assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+    # leaving within the last batches: the thread has produced everything and waits to hand
+    # over its end-of-epoch marker on a full queue (a plain join would wait forever)
+    done = threading.Event()
+
+    def leave_late():
+        for b, _ in enumerate(ld.epoch(1)):
+            if b == 6:  # 3 batches left: as many as its queue holds
+                break
+        done.set()
+    threading.Thread(target=leave_late, daemon=True).start()
+    assert done.wait(30), 'leaving the epoch near its end hung'
     assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
