@@ -30,7 +30,9 @@ def session_options(optimize: bool = True, num_threads: int | None = None) -> or
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    opts.intra_op_num_threads = num_threads or os.cpu_count() or 1
+    # the CPUs this process may use (a container's affinity), not the host's count
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    opts.intra_op_num_threads = num_threads or usable or 1
     opts.inter_op_num_threads = 1  # one sequential graph: no parallel branches to run
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # No spin-waiting between ops: +0.5 ms idle (7.0 -> 7.5 ms forward), but next to one busy

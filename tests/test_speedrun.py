@@ -30,6 +30,7 @@ def test_speedrun_runs_seeds_per_recipe_and_averages_them(synthetic_betons, tmp_
     assert code == 0, err
     res = json.loads((out / 'speedrun.json').read_text())
     runs = res['runs']
+    assert not [r for r in runs if 'failed' in r], stdout  # a failed run's last error line is in the table's log
     assert [(r['recipe'], r['seed']) for r in runs] == [
         (['training.epochs=1'], 0), (['training.epochs=2'], 0), (['training.epochs=1'], 1), (['training.epochs=2'], 1)]
     for r in runs:

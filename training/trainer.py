@@ -31,7 +31,7 @@ from model.fileio import DiskFullError
 from . import distributed as D
 from .config import ROOT, ConfigError, load_config
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
-from .metrics import plot_curves, summarize, write_json
+from .metrics import EpochStats, plot_curves, summarize, write_json
 from .runtime import (accum_dtype, autocast, configure_backends, device_name, dtype_name,
                       resolve_device, resolve_precision, seed_everything, sync, use_channels_last,
                       workers_per_process)
@@ -43,43 +43,6 @@ __all__ = ['Trainer', 'train', 'TrainingDiverged', 'TrainingInterrupted']
 
 class _StopAtBatchBoundary(Exception):
     pass
-
-
-@dataclass
-class EpochStats:
-    """Sums over one epoch, kept on the device (no sync per step)."""
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    seen: int = 0
-    seconds: float = 0.0
-    wait_s: float = 0.0  # of those seconds, waiting for the next batch
-
-    @classmethod
-    def start(cls, device, partial: dict | None = None, *, is_main: bool = True) -> 'EpochStats':
-        """Zero, or the statistics of the interrupted epoch a resumed run continues (totals over
-        all ranks: added once, on the main process)."""
-        s = cls(torch.zeros((), device=device, dtype=accum_dtype(device)),
-                torch.zeros((), device=device, dtype=accum_dtype(device)))
-        if partial:
-            s.seconds, s.wait_s = partial['seconds'], partial.get('wait_s', 0.0)
-            if is_main:
-                s.loss_sum += partial['loss_sum']
-                s.correct += partial['correct']
-                s.seen = partial['seen']
-        return s
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.loss_sum += loss.to(self.loss_sum.dtype) * y.shape[0]
-        self.correct += (logits.argmax(1) == y).sum()
-        self.seen += y.shape[0]
-
-    def reduced(self) -> dict:
-        """The sums over all ranks (a collective: call it on every rank)."""
-        t = D.all_reduce_sum(torch.stack([self.loss_sum, self.correct, torch.tensor(
-            float(self.seen), device=self.loss_sum.device, dtype=self.loss_sum.dtype)]))
-        loss_sum, correct, seen = t.tolist()
-        return {'loss_sum': loss_sum, 'correct': correct, 'seen': int(seen), 'seconds': self.seconds,
-                'wait_s': self.wait_s}
 
 
 @dataclass
