@@ -68,13 +68,20 @@ def _ffcv_fields():
             'coarse_label': IntField()}
 
 
+class WorkerFailed(Exception):
+    """Raised in the main thread by :class:`_WorkerWatchdog` when a writer process died."""
+
+
 class _WorkerWatchdog:
     """ffcv's writer waits forever for its counter (or its allocation queue) when a worker
     process dies (disk full: a SIGBUS on its memory-mapped output; killed). This thread watches
     the writer's processes (recorded as ffcv starts them: ``multiprocessing.active_children``
     would reap a dead one before we saw its exit code) and, when one exits with an error, sends
-    the main thread a real SIGINT (which also breaks a blocking wait, unlike
-    ``_thread.interrupt_main``); that turns into a clear error instead of a hang."""
+    the main thread a real signal (which also breaks a blocking wait, unlike
+    ``_thread.interrupt_main``) whose handler raises :class:`WorkerFailed`; that turns into a
+    clear error instead of a hang. The signal is SIGUSR1 with our own handler, not SIGINT: a
+    process started in the background by a script (``cmd &``, nohup) inherits SIGINT ignored,
+    and the write then hung forever on a full disk (tests/test_write_datasets.py runs it so)."""
 
     def __init__(self):
         self.failed: int | None = None
@@ -102,16 +109,25 @@ class _WorkerWatchdog:
             for p in list(self.processes):
                 if p.exitcode not in (None, 0):
                     self.failed = p.exitcode
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    signal.pthread_kill(threading.main_thread().ident, self._signal)
                     return
 
+    @staticmethod
+    def _raise(signum, frame):
+        raise WorkerFailed
+
     def __enter__(self):
+        self._signal, self._previous = signal.SIGINT, None  # off the main thread: no handler of ours
+        if threading.current_thread() is threading.main_thread():
+            self._signal, self._previous = signal.SIGUSR1, signal.signal(signal.SIGUSR1, self._raise)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
 
 
 def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str) -> None:
@@ -128,7 +144,7 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
         with watchdog:
             writer.from_indexed_dataset(_SplitDataset(split.images, split.fine, split.coarse),
                                         chunksize=1000)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WorkerFailed):
         for p in watchdog.processes:
             if p.is_alive():
                 p.terminate()

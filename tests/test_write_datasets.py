@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import json
 import os
+import signal
 import threading
 from functools import partial
 from pathlib import Path
@@ -234,10 +235,12 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path, synthetic_data):
 
 def test_full_disk_is_one_line_and_keeps_earlier_outputs(small_disk, synthetic_data, tmp_path):
     """A real full disk (a 2.5 MB tmpfs; each synthetic .beton is 16 MB): one line saying so,
-    exit code != 0, no temporary file left."""
-    # a subprocess with a time limit: a writer that waits forever on its dead workers fails here
+    exit code != 0, no temporary file left. Run as a background job of a script runs (`cmd &`,
+    nohup: SIGINT inherited as ignored). Catches a writer that waits forever on its dead workers
+    (it hung so when the watchdog woke the main thread with SIGINT)."""
     r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', small_disk / 'out',
-                   '--quiet', '--workers', 1, timeout=120)
+                   '--quiet', '--workers', 1, timeout=60,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f'error: {small_disk / "out"}') and 'disk is full' in r.stderr, r.stderr
     assert not [p for p in (small_disk / 'out').iterdir() if p.name.startswith('.')]
