@@ -1,0 +1,118 @@
+"""int8 ONNX for ``scripts/export.py --int8``: static quantization (ONNX Runtime's QDQ format,
+per-channel int8 weights, uint8 activations) calibrated on training images, and kept only if it
+classifies the test split about as well as the float32 model it came from.
+
+Why opt-in: float32 ONNX Runtime is bound by the CPU's float32 peak (~6.5 ms per image on two
+cores, docs/BENCHMARKS.md "Export / ONNX"); int8 runs the same network ~3x faster but moves the
+logits, so it is checked on accuracy (labelled test images), not on logit differences.
+
+Both checks need the converted arrays (``data_beton/cifar100_{train,test}.npy``, written by
+``scripts/write_datasets.py``): :data:`CALIBRATION_IMAGES` training images, seeded, set the
+activation ranges; every test image is classified by the float32 and the int8 model; the export
+fails (nothing kept) if int8's top-1 is more than :data:`INT8_MAX_TOP1_DROP` below float32's.
+Export-time only: the served Space needs nothing from here (an int8 ``model.onnx`` is a plain
+ONNX file for ``app/onnx_backend.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+INT8_MAX_TOP1_DROP = 0.01  # absolute top-1 (1 point); measured -0.06 points on cpu_small's model
+CALIBRATION_IMAGES = 512
+BATCH = 500
+
+
+class QuantizeError(ValueError):
+    """One line for the user (``app.export`` turns it into an ``ExportError``)."""
+
+
+@dataclass(frozen=True)
+class Int8Check:
+    images: int  # test images classified by both models
+    calibration_images: int
+    top1_float32: float
+    top1_int8: float
+    top1_agreement: float  # share of images with the same top-1 class
+    max_top1_drop: float = INT8_MAX_TOP1_DROP
+
+    @property
+    def drop(self) -> float:
+        return self.top1_float32 - self.top1_int8
+
+    def line(self) -> str:
+        return (f'int8 checked on {self.images} test images (calibrated on {self.calibration_images} '
+                f'training images): top-1 {self.top1_int8:.2%} vs float32 {self.top1_float32:.2%} '
+                f'(allowed drop {self.max_top1_drop:.1%}), same top-1 on {self.top1_agreement:.1%}')
+
+
+def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N x 32 x 32 x 3, labels) from ``cifar100_<split>.npy``."""
+    path = Path(data_dir) / f'cifar100_{split}.npy'
+    fix = f'run `python scripts/write_datasets.py` (or give --data-dir the folder it wrote)'
+    if not path.is_file():
+        raise QuantizeError(f'{path}: not found; --int8 calibrates and checks on the converted '
+                            f'CIFAR-100 arrays: {fix}')
+    try:
+        arr = np.load(path, mmap_mode='r')
+        images, labels = np.asarray(arr['image']), np.asarray(arr['label'], dtype=np.int64)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise QuantizeError(f'{path}: not a readable CIFAR-100 array file ({e}); {fix} --force') from None
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or not len(images):
+        raise QuantizeError(f'{path}: expected N x 32 x 32 x 3 images, found {images.shape}; {fix} --force')
+    return images, labels
+
+
+def _batches(predictor, images: np.ndarray):
+    for i in range(0, len(images), BATCH):
+        yield predictor.preprocess(list(images[i:i + BATCH]))[0]
+
+
+def _predict(predictor, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([predictor.logits(x).argmax(1) for x in _batches(predictor, images)])
+
+
+def quantize_int8(float32_onnx: Path, out: Path, data_dir: Path, *, max_top1_drop: float = INT8_MAX_TOP1_DROP,
+                  seed: int = 0, log: Callable[[str], None] = print) -> Int8Check:
+    """Write the int8 model of ``float32_onnx`` to ``out`` and check it (:class:`QuantizeError`
+    if its test top-1 falls more than ``max_top1_drop`` below float32's; ``out`` is then left for
+    the caller to discard)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .predictor import Predictor
+    train_x, _ = load_split(data_dir, 'train')
+    test_x, test_y = load_split(data_dir, 'test')
+    reference = Predictor(float32_onnx)
+    pick = np.sort(np.random.default_rng(seed).choice(len(train_x), min(CALIBRATION_IMAGES, len(train_x)),
+                                                      replace=False))
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = ({'input': x} for x in _batches(reference, train_x[pick]))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = out.with_name(out.name + '.prep.onnx')
+    try:
+        # shape inference and graph clean-up first, as ONNX Runtime's quantization guide advises
+        quant_pre_process(str(float32_onnx), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    log(f'quantized to int8 ({len(pick)} calibration images); classifying {len(test_x)} test images '
+        f'with both models')
+    want, got = _predict(reference, test_x), _predict(Predictor(out), test_x)
+    check = Int8Check(images=len(test_x), calibration_images=len(pick),
+                      top1_float32=float((want == test_y).mean()), top1_int8=float((got == test_y).mean()),
+                      top1_agreement=float((want == got).mean()), max_top1_drop=max_top1_drop)
+    if check.drop > max_top1_drop:
+        raise QuantizeError(f'int8 loses too much accuracy: {check.line()}; export without --int8 '
+                            f'(float32 ONNX) instead')
+    return check
