@@ -39,7 +39,11 @@ def test_speedrun_runs_seeds_per_recipe_and_averages_them(synthetic_betons, tmp_
         assert r['epochs'] == int(r['recipe'][0].split('=')[1]) and r['loader'] == 'torchvision'
         assert r['process_seconds'] >= r['total_seconds'] > 0
         assert len(r['curve']) == r['epochs'] and r['curve'][-1][1] == r['final_top1']
-    assert len({(r['final_top1'], r['total_seconds']) for r in runs}) == 4  # four distinct runs
+    # four distinct runs, each trained with its own seed (the run's saved config says so)
+    assert len({r['run_dir'] for r in runs}) == 4
+    for r in runs:
+        saved = (Path(r['run_dir']) / 'config.yaml').read_text()
+        assert f"seed: {r['seed']}" in saved and f"epochs: {r['epochs']}" in saved
     for agg in res['recipes']:
         mine = [r for r in runs if r['recipe'] == agg['recipe']]
         assert agg['runs'] == 2 and agg['failed'] == 0
