@@ -6,7 +6,8 @@ fields -- ``image`` (raw, lossless 32x32 RGB), ``label`` (fine, 0-99) and ``coar
 loader for hosts without ffcv; where ffcv does not import, only these are written), plus
 ``manifest.json``. Files are written under temporary names and renamed only once both splits
 are complete, so a failure never leaves a half-written file and never touches a previously
-complete one. A second run with the same source does nothing.
+complete one. A second run with the same source does nothing; so does a run without a
+source while a complete conversion (of any source) is there.
 """
 from __future__ import annotations
 
@@ -306,11 +307,15 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
             f'(training then uses --data.loader torchvision)')
 
     if source is None:
-        # Official data: up to date if the manifest says it came from the official archive,
-        # so a second run needs neither the network nor the archive.
-        if not force and (m := is_up_to_date(out_dir, CIFAR100_MD5, with_beton=not no_ffcv)):
-            log(f'{out_dir}: .beton files are up to date (official archive); nothing to do '
-                f'(--force rewrites them)')
+        # No --source: whatever complete conversion is there (official, or from the local copy
+        # an earlier `--source` gave: `make data CIFAR_SOURCE=...` then `make check`), so a
+        # second run needs neither the network nor the archive.
+        if not force and (m := is_up_to_date(out_dir, None, with_beton=not no_ffcv)):
+            src = m.get('source', {})
+            origin = ('the official archive' if src.get('official')
+                      else f'{src.get("path", "?")}, md5 {src.get("md5", "?")}')
+            log(f'{out_dir}: .beton files are up to date (converted from {origin}); nothing to do '
+                f'(--force downloads and rewrites them)')
             return WriteResult('skipped', m, time.perf_counter() - t0)
         archive = out_dir / ARCHIVE_NAME
         if archive.is_file() and source_md5(archive) == CIFAR100_MD5:

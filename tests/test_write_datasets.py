@@ -120,6 +120,11 @@ def test_second_run_does_nothing_and_force_rewrites(tmp_path, synthetic_data):
     r2 = convert('--source', src, '--out', out, '--quiet')
     assert r2.returncode == 0 and 'nothing to do' in r2.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # no --source afterwards (`make data CIFAR_SOURCE=...`, then `make check`): the conversion
+    # there is used, no download (the URL is unreachable)
+    r2b = convert('--out', out, '--quiet', '--url', 'http://127.0.0.1:9/cifar-100-python.tar.gz')
+    assert r2b.returncode == 0 and f'converted from {src}, md5' in r2b.stdout, r2b.stdout + r2b.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     r3 = convert('--source', src, '--out', out, '--quiet', '--force')
     assert r3.returncode == 0 and 'wrote' in r3.stdout
     assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in [*out.glob('*.beton'), *out.glob('*.npy')])
