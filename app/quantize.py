@@ -52,7 +52,7 @@ class Int8Check:
 def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images N x 32 x 32 x 3, labels) from ``cifar100_<split>.npy``."""
     path = Path(data_dir) / f'cifar100_{split}.npy'
-    fix = f'run `python scripts/write_datasets.py` (or give --data-dir the folder it wrote)'
+    fix = 'run `python scripts/write_datasets.py` (or give --data-dir the folder it wrote)'
     if not path.is_file():
         raise QuantizeError(f'{path}: not found; --int8 calibrates and checks on the converted '
                             f'CIFAR-100 arrays: {fix}')

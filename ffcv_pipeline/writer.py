@@ -14,13 +14,9 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
-import multiprocessing
 import os
 import re
-import signal
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ import numpy as np
 
 from model.fileio import atomic_write_text, is_disk_full
 
+from .watchdog import WorkerFailed, WorkerWatchdog
 from .archive import Cifar100, DatasetError, download, read_cifar100, source_md5
 from . import ffcv_import_error, ffcv_version
 from .constants import (ARCHIVE_NAME, ARRAY_NAMES, BETON_NAMES, CIFAR100_MD5, CIFAR100_URL,
@@ -69,73 +66,11 @@ def _ffcv_fields():
             'coarse_label': IntField()}
 
 
-class WorkerFailed(Exception):
-    """Raised in the main thread by :class:`_WorkerWatchdog` when a writer process died."""
-
-
-class _WorkerWatchdog:
-    """ffcv's writer waits forever for its counter (or its allocation queue) when a worker
-    process dies (disk full: a SIGBUS on its memory-mapped output; killed). This thread watches
-    the writer's processes (recorded as ffcv starts them: ``multiprocessing.active_children``
-    would reap a dead one before we saw its exit code) and, when one exits with an error, sends
-    the main thread a real signal (which also breaks a blocking wait, unlike
-    ``_thread.interrupt_main``) whose handler raises :class:`WorkerFailed`; that turns into a
-    clear error instead of a hang. The signal is SIGUSR1 with our own handler, not SIGINT: a
-    process started in the background by a script (``cmd &``, nohup) inherits SIGINT ignored,
-    and the write then hung forever on a full disk (tests/test_write_datasets.py runs it so)."""
-
-    def __init__(self):
-        self.failed: int | None = None
-        self.processes: list = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        watchdog = self
-
-        class Recorded(multiprocessing.Process):
-            def start(self):
-                watchdog.processes.append(self)
-                super().start()
-
-            def run(self):  # a full disk: exit 1 quietly (the parent says it in one line)
-                try:
-                    super().run()
-                except OSError as e:
-                    if not is_disk_full(e):
-                        raise
-                    sys.exit(1)
-        self.process_class = Recorded
-
-    def _run(self):
-        while not self._stop.wait(0.1):
-            for p in list(self.processes):
-                if p.exitcode not in (None, 0):
-                    self.failed = p.exitcode
-                    signal.pthread_kill(threading.main_thread().ident, self._signal)
-                    return
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise WorkerFailed
-
-    def __enter__(self):
-        self._signal, self._previous = signal.SIGINT, None  # off the main thread: no handler of ours
-        if threading.current_thread() is threading.main_thread():
-            self._signal, self._previous = signal.SIGUSR1, signal.signal(signal.SIGUSR1, self._raise)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-
-
 def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str) -> None:
     import ffcv.writer
     from tqdm import tqdm
 
-    watchdog = _WorkerWatchdog()
+    watchdog = WorkerWatchdog()
     # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable. Its worker
     # processes are recorded for the watchdog.
     ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)

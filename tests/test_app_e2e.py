@@ -26,7 +26,7 @@ from PIL import Image
 from app.export import export
 from app.loadtest import launch_in_thread, run_load, serve_app
 from app.predictor import Predictor
-from conftest import ROOT, make_test_checkpoint, run_main
+from conftest import ROOT, run_main
 
 NO_COMPILE = {'COMPILE_MODEL': '0'}  # for the apps started only to check one thing
 # The load test's floors, chosen from measurements on the 2-core EPYC (docs/BENCHMARKS.md

@@ -12,12 +12,10 @@ run once per backend.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,6 @@ from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_N
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
 from conftest import PY, ROOT, make_test_checkpoint, run_main
-from model.checkpoint import atomic_save, make_checkpoint
 
 
 def make_test_onnx(ckpt_path: Path, out: Path, *, fp16: bool = False) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, as_cli, run_main, same_weights, tiny, weights
+from conftest import PY, ROOT, as_cli, run_main, same_weights, tiny
 
 
 def tv(betons, out, **extra):

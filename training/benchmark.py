@@ -21,7 +21,6 @@ loaders, ``training.step.TrainStep`` for the step), from a training config:
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import subprocess
