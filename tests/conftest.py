@@ -178,16 +178,25 @@ def run_main(name: str, *args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2.5 MB tmpfs (root only; skipped elsewhere): a real full disk, not a mock."""
-    mnt = tmp_path / 'disk'
+def _tmpfs(mnt: Path, options: str):
     mnt.mkdir()
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2500k', 'tmpfs', str(mnt)], capture_output=True)
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f'cannot mount a tmpfs here ({r.stderr.decode().strip()})')
     yield mnt
     subprocess.run(['umount', '-l', str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MB tmpfs (root only; skipped elsewhere): a real full disk, not a mock."""
+    yield from _tmpfs(tmp_path / 'disk', 'size=2500k')
+
+
+@pytest.fixture
+def few_inodes_disk(tmp_path):
+    """A tmpfs with room for 8 files (inodes) and plenty of bytes: creating a file fails."""
+    yield from _tmpfs(tmp_path / 'inodes', 'size=10m,nr_inodes=8')
 
 
 @pytest.fixture(scope='session')

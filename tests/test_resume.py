@@ -271,6 +271,24 @@ def test_full_disk_during_a_checkpoint(small_disk, ref_run, synthetic_betons, tm
     assert same_weights(ref_run / 'last.pt', moved / 'last.pt')
 
 
+def test_no_room_even_for_the_temporary_file(few_inodes_disk):
+    """The file system cannot create one more file (out of inodes: ENOSPC at create time, before
+    a byte is written): the same one-line DiskFullError naming the file, the previous version
+    intact. Catches a creation failure that escapes as a bare OSError."""
+    from model.fileio import DiskFullError, atomic_write_text
+    target = few_inodes_disk / 'last.json'
+    atomic_write_text(target, 'epoch 1')
+    for i in range(100):  # use up the inodes
+        try:
+            (few_inodes_disk / f'filler{i}').touch()
+        except OSError:
+            break
+    with pytest.raises(DiskFullError) as e:
+        atomic_write_text(target, 'epoch 2')
+    assert str(e.value).startswith(f'{target}: the disk is full (No space left on device')
+    assert target.read_text() == 'epoch 1' and not [p for p in few_inodes_disk.iterdir() if p.name.startswith('.')]
+
+
 @pytest.mark.parametrize('victim', ['metrics.jsonl', 'summary.json', 'curves.png'])
 def test_full_disk_while_writing_metrics_summary_or_plot(synthetic_betons, tmp_path, monkeypatch, victim):
     """ENOSPC injected into the write of one file (the real tmpfs test above covers
