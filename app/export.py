@@ -51,7 +51,7 @@ from model.resnet import count_parameters
 
 from .modelmeta import META_KEY, ModelMeta
 from .predictor import Predictor
-from .quantize import QuantizeError, quantize_int8
+from .quantize import INT8_MAX_TOP1_DROP, QuantizeError, load_split, quantize_int8
 
 HERE = Path(__file__).resolve().parent  # app/
 ONNX_TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch; measured ~1e-6 (fp32)
@@ -228,11 +228,17 @@ def _staging_dir(out: Path) -> Path:
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool = False,
            fp16: bool = False, space: bool = False, int8: bool = False,
            data_dir: str | os.PathLike = ROOT / 'data_beton', example_dirs=EXAMPLE_DIRS,
-           log: Callable[[str], None] = print, **int8_options) -> dict:
+           log: Callable[[str], None] = print, max_top1_drop: float = INT8_MAX_TOP1_DROP) -> dict:
     """Do the export (see the module docstring); returns what ``export.json`` holds."""
     checkpoint, out = Path(checkpoint), Path(out)
     if int8 and fp16:
         raise ExportError('--int8 and --fp16 exclude each other (int8 stores its weights in 8 bits)')
+    if int8:  # its data, before anything is built
+        try:
+            for split in ('train', 'test'):
+                load_split(Path(data_dir), split)
+        except QuantizeError as e:
+            raise ExportError(str(e)) from None
     onnx = onnx or int8
     ckpt = slim_checkpoint(load_checkpoint(checkpoint), fp16=fp16)
     stage = _staging_dir(out)
@@ -247,13 +253,15 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
         if onnx:
             atomic_write(stage / 'model.onnx', lambda f: f.write(onnx_bytes(ckpt, fp16=fp16)))
             v = verify_onnx(stage / 'model.onnx', ckpt, images, source)
-            manifest['verification'] = asdict(v)
+            # with --int8: the float32 model it was quantized from (int8_check: the shipped one)
+            manifest['verification'] = {**asdict(v), 'model': 'float32' + (' (before int8)' if int8 else '')}
             log(f'model.onnx: {(stage / "model.onnx").stat().st_size / 2**20:.1f} MiB, {v.line()}')
         if int8:  # from the float32 file just verified against torch
             float32 = stage / 'model.float32.onnx'
             os.replace(stage / 'model.onnx', float32)
             try:
-                check = quantize_int8(float32, stage / 'model.onnx', Path(data_dir), log=log, **int8_options)
+                check = quantize_int8(float32, stage / 'model.onnx', Path(data_dir), log=log,
+                                      max_top1_drop=max_top1_drop)
             except QuantizeError as e:
                 raise ExportError(str(e)) from None
             finally:

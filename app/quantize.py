@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from model.fileio import DiskFullError, is_disk_full  # export time only: never in a Space
+
 INT8_MAX_TOP1_DROP = 0.01  # absolute top-1 (1 point); measured -0.06 points on cpu_small's model
 CALIBRATION_IMAGES = 512
 BATCH = 500
@@ -104,6 +106,10 @@ def quantize_int8(float32_onnx: Path, out: Path, data_dir: Path, *, max_top1_dro
         quant_pre_process(str(float32_onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), Calibration(), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    except OSError as e:  # onnx.save on a full disk: one line, not a traceback
+        if is_disk_full(e):
+            raise DiskFullError(out, e) from None
+        raise
     finally:
         prepared.unlink(missing_ok=True)
     log(f'quantized to int8 ({len(pick)} calibration images); classifying {len(test_x)} test images '
@@ -112,7 +118,7 @@ def quantize_int8(float32_onnx: Path, out: Path, data_dir: Path, *, max_top1_dro
     check = Int8Check(images=len(test_x), calibration_images=len(pick),
                       top1_float32=float((want == test_y).mean()), top1_int8=float((got == test_y).mean()),
                       top1_agreement=float((want == got).mean()), max_top1_drop=max_top1_drop)
-    if check.drop > max_top1_drop:
+    if check.drop > max_top1_drop + 1e-9:  # exactly at the bar is kept (1.0 - 0.99 > 0.01 in floats)
         raise QuantizeError(f'int8 loses too much accuracy: {check.line()}; export without --int8 '
                             f'(float32 ONNX) instead')
     return check

@@ -26,12 +26,17 @@ class WorkerWatchdog:
     ``_thread.interrupt_main``) whose handler raises :class:`WorkerFailed`; that turns into a
     clear error instead of a hang. The signal is SIGUSR1 with our own handler, not SIGINT: a
     process started in the background by a script (``cmd &``, nohup) inherits SIGINT ignored,
-    and the write then hung forever on a full disk (tests/test_write_datasets.py runs it so)."""
+    and the write then hung forever on a full disk (tests/test_write_datasets.py runs it so).
+    The signal is sent only while the write runs (a lock orders it before the stop in
+    ``__exit__``), and only to a main thread that runs the write: off the main thread nothing is
+    signalled (a stray exception there would hit unrelated code) and ffcv's own wait remains."""
 
     def __init__(self):
         self.failed: int | None = None
         self.processes: list = []
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._previous = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         watchdog = self
 
@@ -53,8 +58,12 @@ class WorkerWatchdog:
         while not self._stop.wait(0.1):
             for p in list(self.processes):
                 if p.exitcode not in (None, 0):
-                    self.failed = p.exitcode
-                    signal.pthread_kill(threading.main_thread().ident, self._signal)
+                    with self._lock:
+                        if self._stop.is_set():
+                            return
+                        self.failed = p.exitcode
+                        if self._previous is not None:  # our handler is installed (main thread)
+                            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                     return
 
     @staticmethod
@@ -62,14 +71,17 @@ class WorkerWatchdog:
         raise WorkerFailed
 
     def __enter__(self):
-        self._signal, self._previous = signal.SIGINT, None  # off the main thread: no handler of ours
         if threading.current_thread() is threading.main_thread():
-            self._signal, self._previous = signal.SIGUSR1, signal.signal(signal.SIGUSR1, self._raise)
+            self._previous = signal.signal(signal.SIGUSR1, self._raise)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
+        try:
+            with self._lock:  # no signal is sent after this
+                self._stop.set()
+            self._thread.join()  # a signal sent just before is handled in here (WorkerFailed)
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGUSR1, self._previous)
+                self._previous = None

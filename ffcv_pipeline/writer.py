@@ -11,6 +11,7 @@ source while a complete conversion (of any source) is there.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -19,6 +20,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Callable
 
@@ -80,14 +82,19 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
         with watchdog:
             writer.from_indexed_dataset(_SplitDataset(split.images, split.fine, split.coarse),
                                         chunksize=1000)
-    except (KeyboardInterrupt, WorkerFailed):
+    except (KeyboardInterrupt, WorkerFailed) as e:
         for p in watchdog.processes:
             if p.is_alive():
                 p.terminate()
         sm = getattr(writer, 'metadata_sm', None)  # ffcv frees its shared memory only on success
-        if sm is not None:
+        if isinstance(sm, SharedMemory):  # (a placeholder before ffcv's prepare())
             sm.close()
-            sm.unlink()
+            with contextlib.suppress(FileNotFoundError):  # freed already
+                sm.unlink()
+        # Ctrl-C kills the workers too: then it is a Ctrl-C, not a failed write
+        ctrl_c = isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt)
+        if ctrl_c:
+            raise KeyboardInterrupt from None
         if watchdog.failed is not None:
             import shutil
             free, need = shutil.disk_usage(path.parent).free, len(split) * (split.images[0].nbytes + 128)

@@ -5,7 +5,7 @@ import hashlib
 import http.server
 import json
 import os
-import signal
+import subprocess
 import threading
 from functools import partial
 from pathlib import Path
@@ -15,7 +15,7 @@ import pytest
 
 from types import SimpleNamespace
 
-from conftest import REAL_ARCHIVE, build_archive, images_of, make_split, run_main, run_script
+from conftest import PY, REAL_ARCHIVE, ROOT, build_archive, images_of, make_split, run_main
 from ffcv_pipeline.archive import DatasetError, read_cifar100
 from ffcv_pipeline.constants import ARRAY_NAMES, BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
 
@@ -243,9 +243,9 @@ def test_full_disk_is_one_line_and_keeps_earlier_outputs(small_disk, synthetic_d
     exit code != 0, no temporary file left. Run as a background job of a script runs (`cmd &`,
     nohup: SIGINT inherited as ignored). Catches a writer that waits forever on its dead workers
     (it hung so when the watchdog woke the main thread with SIGINT)."""
-    r = run_script('scripts/write_datasets.py', '--source', synthetic_data[0], '--out', small_disk / 'out',
-                   '--quiet', '--workers', 1, timeout=60,
-                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    r = subprocess.run(['sh', '-c', 'trap "" INT; exec "$0" "$@"', PY, 'scripts/write_datasets.py',
+                        '--source', synthetic_data[0], '--out', small_disk / 'out', '--quiet', '--workers', '1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f'error: {small_disk / "out"}') and 'disk is full' in r.stderr, r.stderr
     assert not [p for p in (small_disk / 'out').iterdir() if p.name.startswith('.')]
