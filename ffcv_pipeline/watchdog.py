@@ -6,6 +6,7 @@ kill); :class:`WorkerWatchdog` notices and wakes the main thread (``ffcv_pipelin
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ class WorkerWatchdog:
     def __init__(self):
         self.failed: int | None = None
         self.processes: list = []
+        self.queues: list = []  # ffcv's work and allocation queues, handed to each process
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._previous = None
@@ -43,6 +45,8 @@ class WorkerWatchdog:
         class Recorded(multiprocessing.Process):
             def start(self):
                 watchdog.processes.append(self)
+                watchdog.queues += [a for a in self._args if isinstance(a, multiprocessing.queues.Queue)
+                                    and all(a is not q for q in watchdog.queues)]  # (start() drops _args)
                 super().start()
 
             def run(self):  # a full disk: exit 1 quietly (the parent says it in one line)
@@ -65,6 +69,16 @@ class WorkerWatchdog:
                         if self._previous is not None:  # our handler is installed (main thread)
                             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                     return
+
+    def abandon(self) -> None:
+        """After a failure: stop the live workers, and let the process exit although ffcv's work
+        queue still holds chunks (its feeder thread blocks on a full pipe that no dead worker
+        reads; exiting would join it forever: 10,000+ images on a full disk hung so)."""
+        for p in self.processes:
+            if p.is_alive():
+                p.terminate()
+        for q in self.queues:
+            q.cancel_join_thread()
 
     @staticmethod
     def _raise(signum, frame):

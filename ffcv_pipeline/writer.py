@@ -83,9 +83,7 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
             writer.from_indexed_dataset(_SplitDataset(split.images, split.fine, split.coarse),
                                         chunksize=1000)
     except (KeyboardInterrupt, WorkerFailed) as e:
-        for p in watchdog.processes:
-            if p.is_alive():
-                p.terminate()
+        watchdog.abandon()
         sm = getattr(writer, 'metadata_sm', None)  # ffcv frees its shared memory only on success
         if isinstance(sm, SharedMemory):  # (a placeholder before ffcv's prepare())
             sm.close()

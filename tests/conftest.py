@@ -194,6 +194,12 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
+def disk_40m(tmp_path):
+    """A 40 MB tmpfs: room for 10,000 images' arrays, not for their .beton as well."""
+    yield from _tmpfs(tmp_path / 'disk40', 'size=40m')
+
+
+@pytest.fixture
 def few_inodes_disk(tmp_path):
     """A tmpfs with room for 8 files (inodes) and plenty of bytes: creating a file fails."""
     yield from _tmpfs(tmp_path / 'inodes', 'size=10m,nr_inodes=8')

@@ -238,14 +238,26 @@ def test_temporary_files_of_killed_runs_are_removed(tmp_path, synthetic_data):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == [alive.name]
 
 
+def _convert_onto_a_full_disk(archive, out: Path) -> None:
+    r = subprocess.run(['sh', '-c', 'trap "" INT; exec "$0" "$@"', PY, 'scripts/write_datasets.py',
+                        '--source', archive, '--out', out, '--quiet', '--workers', '1'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f'error: {out}') and 'disk is full' in r.stderr, r.stderr
+    assert not [p for p in out.iterdir() if p.name.startswith('.')]
+
+
 def test_full_disk_is_one_line_and_keeps_earlier_outputs(small_disk, synthetic_data, tmp_path):
     """A real full disk (a 2.5 MB tmpfs; each synthetic .beton is 16 MB): one line saying so,
     exit code != 0, no temporary file left. Run as a background job of a script runs (`cmd &`,
     nohup: SIGINT inherited as ignored). Catches a writer that waits forever on its dead workers
     (it hung so when the watchdog woke the main thread with SIGINT)."""
-    r = subprocess.run(['sh', '-c', 'trap "" INT; exec "$0" "$@"', PY, 'scripts/write_datasets.py',
-                        '--source', synthetic_data[0], '--out', small_disk / 'out', '--quiet', '--workers', '1'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith(f'error: {small_disk / "out"}') and 'disk is full' in r.stderr, r.stderr
-    assert not [p for p in (small_disk / 'out').iterdir() if p.name.startswith('.')]
+    _convert_onto_a_full_disk(synthetic_data[0], small_disk / 'out')
+
+
+def test_full_disk_with_work_still_queued_exits(disk_40m, tmp_path):
+    """10,000 training images (10 chunks for ffcv's work queue, more than its pipe holds) on a
+    40 MB tmpfs: the arrays fit, the .beton does not. Catches an exit that waits forever for the
+    queue's feeder thread (it hung so on the real archive after printing the error)."""
+    archive = build_archive(tmp_path / 'c.tar.gz', train=make_split(100, seed=3), test=make_split(1, seed=4))
+    _convert_onto_a_full_disk(archive, disk_40m / 'out')
