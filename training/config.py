@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 30
+    epochs: int = 20
     lr: float = 0.4  # peak learning rate for the configured batch size (no implicit scaling)
     lr_schedule: str = 'linear'  # decay after warm-up: linear | cosine (to zero)
     warmup_epochs: float = 3.0  # linear warm-up from 0 to `lr`, per iteration
