@@ -32,7 +32,6 @@ class TrainingData:
     test: object
     class_names: list[str]
     coarse_names: list[str]
-    train_indices: np.ndarray | None  # the training subset (None: all)
     loader: str = 'ffcv'  # which loader: 'ffcv' or 'torchvision'
     notices: list[str] = field(default_factory=list)  # one-line warnings for the log
 
@@ -156,7 +155,7 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
                        workers=workers, channels_last=channels_last, rank=rank, world_size=world_size)
     m = manifests[0] or {}
     return TrainingData(train, test, list(m.get('fine_label_names', FINE_LABEL_NAMES)),
-                        list(m.get('coarse_label_names', COARSE_LABEL_NAMES)), train_idx, kind, notices)
+                        list(m.get('coarse_label_names', COARSE_LABEL_NAMES)), kind, notices)
 
 
 def _ffcv_loaders(cfg, paths, aug, train_idx, test_idx, *, device, dtype, workers, channels_last,

@@ -66,8 +66,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     ``path`` (permissions as for a new file). On any failure the temporary file is removed
     and ``path`` keeps its previous content; a full disk raises :class:`DiskFullError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     except OSError as e:
         raise (DiskFullError(path, e) if is_disk_full(e) else e) from None

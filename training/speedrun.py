@@ -26,6 +26,8 @@ from pathlib import Path
 
 from model.fileio import atomic_write_text
 
+from ffcv_pipeline.data import read_manifest, resolve_path
+
 from .config import ROOT, ConfigError, load_config
 from .metrics import read_jsonl, save_figure
 
@@ -175,11 +177,10 @@ def speedrun(plan: Plan, log=print) -> dict:
     recipes = plan.recipes()
     for recipe in recipes:
         load_config(plan.config, [*plan.overrides, *recipe])
-    manifest = Path(cfg.data.train_path if Path(cfg.data.train_path).is_absolute()
-                    else ROOT / cfg.data.train_path).parent / 'manifest.json'
+    manifest = read_manifest(resolve_path(cfg.data.train_path, ROOT).parent) or {}
     result = {'config': plan.config, 'overrides': plan.overrides, 'sweep': plan.sweep, 'runs_per_recipe': plan.runs,
               'target_top1': cfg.training.target_top1, 'environment': environment(plan),
-              'conversion_s': json.loads(manifest.read_text()).get('write_seconds') if manifest.is_file() else None,
+              'conversion_s': manifest.get('write_seconds'),
               'budget_s': plan.budget_s, 'stopped_by_budget': False, 'runs': [], 'recipes': []}
     plan.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

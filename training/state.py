@@ -24,7 +24,7 @@ import torch
 
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
 from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint
-from model.fileio import DiskFullError, atomic_write, atomic_write_text, is_disk_full
+from model.fileio import atomic_write, atomic_write_text
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
@@ -109,11 +109,7 @@ class RunFolder:
         resumed run has completed (its later lines are redone), or start them afresh."""
         if not self.is_main:
             return
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise (DiskFullError(self.path, e) if is_disk_full(e) else e) from None
-        atomic_write_text(self.path / 'config.yaml', to_yaml(cfg))
+        atomic_write_text(self.path / 'config.yaml', to_yaml(cfg))  # makes the folder
         if resumed_epochs is None:
             self.metrics_path.unlink(missing_ok=True)  # a reused output.name starts over
         else:
