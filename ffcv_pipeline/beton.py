@@ -32,6 +32,8 @@ def check_beton(path: str | os.PathLike, *, expected: dict | None = None) -> int
     """Raise :class:`DatasetError` unless ``path`` is a complete CIFAR ``.beton`` as
     ``write_datasets.py`` writes it; returns its sample count. ``expected``: the manifest's
     entry for this split (``{'count': ..., 'bytes': ...}``), checked when given."""
+    from . import load_ffcv
+    load_ffcv()
     from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType,
                             get_handlers, get_metadata_type)
     path = Path(path)
@@ -87,3 +89,28 @@ def check_beton(path: str | os.PathLike, *, expected: dict | None = None) -> int
 def _describe(fields: dict) -> str:
     kinds = {1: 'int', 2: 'image'}
     return ', '.join(f'{k} ({kinds.get(v, f"type {v}")})' for k, v in fields.items()) or 'none'
+
+
+RAW_MODE = 1  # ffcv's RGBImageField IMAGE_MODES['raw']: pixels stored as they are (what we write)
+
+
+def read_beton_images(path: str | os.PathLike, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, int64 fine labels) of a raw-mode CIFAR ``.beton``, read with numpy
+    (no loader, no JIT): the resident test set's source. ``indices``: a subset, in that order."""
+    from . import load_ffcv
+    load_ffcv()
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    names = list(reader.handlers)
+    image = reader.metadata[f'f{names.index("image")}']
+    labels = np.asarray(reader.metadata[f'f{names.index("label")}']).astype(np.int64).ravel()
+    idx = np.arange(len(labels)) if indices is None else np.asarray(indices)
+    if np.any(image['mode'][idx] != RAW_MODE):
+        raise DatasetError(f'{path}: holds JPEG-compressed images; the resident test set reads raw '
+                           f'pixels ({FIX}, which writes raw images)')
+    h, w, c = IMAGE_SHAPE
+    data = np.memmap(path, dtype=np.uint8, mode='r')
+    out = np.empty((len(idx), h, w, c), np.uint8)
+    for i, p in enumerate(image['data_ptr'][idx].astype(np.int64)):  # 10,000 slices: ~10 ms
+        out[i] = data[p:p + h * w * c].reshape(h, w, c)
+    return out, labels[idx]

@@ -58,6 +58,8 @@ def read_manifest(folder: Path) -> dict | None:
 
 def beton_labels(path: str | Path) -> np.ndarray:
     """Fine labels of a ``.beton``, read from its metadata table (no decoding)."""
+    from . import load_ffcv
+    load_ffcv()
     from ffcv.reader import Reader
     reader = Reader(str(path))
     return np.asarray(reader.metadata[f'f{list(reader.handlers).index("label")}']).astype(np.int64).ravel()
@@ -150,9 +152,16 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
     if world_size > 1:  # exact, disjoint evaluation shards; sums are all-reduced
         test_idx = test_idx[rank::world_size]
     aug = dict(flip=a.flip, padding=a.translate, cutout=a.cutout)
+    resident = d.resident_test is not False  # null = auto: always (30 MB fit on any device)
     make = _ffcv_loaders if kind == 'ffcv' else _torch_loaders
-    train, test = make(cfg, paths, aug, train_idx, test_idx, device=device, dtype=dtype,
-                       workers=workers, channels_last=channels_last, rank=rank, world_size=world_size)
+    train, test = make(cfg, paths, aug, train_idx, None if resident else test_idx, device=device,
+                       dtype=dtype, workers=workers, channels_last=channels_last, rank=rank,
+                       world_size=world_size)
+    if resident:  # evaluated at the training batch shape: cuDNN tunes no second set of kernels
+        from .resident import ResidentSplit
+        test = ResidentSplit.from_file(paths[1], indices=test_idx, device=device,
+                                       dtype=torch.float32 if device.type == 'cpu' else dtype,
+                                       batch_size=d.batch_size, channels_last=channels_last)
     m = manifests[0] or {}
     return TrainingData(train, test, list(m.get('fine_label_names', FINE_LABEL_NAMES)),
                         list(m.get('coarse_label_names', COARSE_LABEL_NAMES)), kind, notices)
@@ -169,6 +178,8 @@ def _ffcv_loaders(cfg, paths, aug, train_idx, test_idx, *, device, dtype, worker
                         indices=train_idx, batches_ahead=d.batches_ahead, state=state,
                         pipelines=train_pipeline(device=device, dtype=dtype, state=state,
                                                  channels_last=channels_last, **aug))
+    if test_idx is None:  # the test split is resident on the device instead
+        return train, None
     test = make_loader(paths[1], batch_size=d.test_batch_size, num_workers=workers, order='sequential',
                        os_cache=d.os_cache, drop_last=False, indices=test_idx,
                        batches_ahead=d.batches_ahead,
@@ -186,6 +197,8 @@ def _torch_loaders(cfg, paths, aug, train_idx, test_idx, *, device, dtype, worke
                   channels_last=channels_last)
     train = make_torch_loader(paths[0], batch_size=d.batch_size, train=True, augment=aug,
                               indices=train_idx, rank=rank, world_size=world_size, **common)
+    if test_idx is None:  # the test split is resident on the device instead
+        return train, None
     test = make_torch_loader(paths[1], batch_size=d.test_batch_size, train=False, indices=test_idx,
                              **common)
     return train, test

@@ -45,6 +45,14 @@ class Normalize(torch.nn.Module):
         return x.to(self.dtype).sub_(mean).mul_(inv_std)
 
 
+def normalization_table(mean=CIFAR100_MEAN, std=CIFAR100_STD) -> np.ndarray:
+    """(256, channels) float32: ``(v - mean) / std`` for every uint8 value ``v``, computed in
+    float64 and rounded once (FFCV's ``NormalizeImage`` table): the CPU pipeline and the resident
+    test split normalize by looking values up here."""
+    v = np.arange(256, dtype=np.float64)[:, None]
+    return ((v - np.asarray(mean, np.float64)) / np.asarray(std, np.float64)).astype(np.float32)
+
+
 def fill_colour(mean=CIFAR100_MEAN) -> tuple[int, int, int]:
     """Padding/cutout fill the mean colour: zero after normalization, as in FFCV's CIFAR example."""
     return tuple(int(round(m)) for m in mean)

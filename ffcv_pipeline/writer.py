@@ -69,6 +69,8 @@ def _ffcv_fields():
 
 
 def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str) -> None:
+    from . import load_ffcv
+    load_ffcv()
     import ffcv.writer
     from tqdm import tqdm
 

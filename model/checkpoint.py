@@ -45,10 +45,14 @@ class CheckpointError(ValueError):
     """The file is missing, unreadable, or not one of our checkpoints; one clear line."""
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
+def atomic_save(obj, path: str | os.PathLike, *, before_rename=None) -> None:
     """``torch.save`` atomically (see :func:`model.fileio.atomic_write`): readers never see a
     half-written checkpoint, a crash or a full disk mid-write keeps the previous one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(f):
+        torch.save(obj, f)
+        if before_rename is not None:
+            before_rename()
+    atomic_write(path, write)
 
 
 def latest_run_checkpoint(root: str | os.PathLike, name: str = 'best.pt') -> Path | None:
@@ -112,8 +116,8 @@ def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, 
                     step: int = 0, metrics: dict | None = None, **extra) -> dict:
     """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states)."""
     import datetime as _dt
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-             for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else None, copy=True)
+             for k, v in unwrap(model).state_dict().items()}  # copies: training goes on meanwhile
     return {
         'format': FORMAT, 'format_version': FORMAT_VERSION,
         'model': state, 'model_config': dict(model_config),

@@ -40,5 +40,16 @@ def call(main, argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(main) -> None:
-    sys.exit(call(main))
+def run(main, *, fast_exit: bool = False) -> None:
+    """Exit with ``main``'s code. ``fast_exit``: after a success, skip the interpreter's teardown
+    (0.4-1.6 s of freeing torch's, numba's and ffcv's modules on our 2-core machine, after the
+    last line of the run) with ``os._exit`` once the output is flushed; only for entry points
+    whose work is all on disk when ``main`` returns (every file written, fsynced and closed).
+    Errors exit the usual way (atexit handlers run)."""
+    code = call(main)
+    if fast_exit and code == 0:
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

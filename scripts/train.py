@@ -43,4 +43,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    run(main)
+    run(main, fast_exit=True)  # the trainer has joined its writer thread and closed its files

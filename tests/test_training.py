@@ -300,7 +300,7 @@ def test_training_deterministic_sets_cudnn(synthetic_betons, tmp_path, determini
 NOT_INSTALLED = '''
 import atexit, sys
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]
-atexit.register(lambda: print('training from', sys.modules['training'].__file__))
+atexit.register(lambda: print('training from', sys.modules['training'].__file__))  # an error exits normally
 '''
 
 

@@ -36,6 +36,10 @@ class DataConfig:
     order: str = 'quasi_random'  # ffcv loader: quasi_random | random | sequential; random when distributed
     os_cache: bool = True  # let the OS page cache hold the .beton (fits in RAM: 170 MB)
     batches_ahead: int = 3
+    # the test split as one uint8 tensor on the device, evaluated in batches of batch_size (no
+    # second loader, no second JIT, no second cuDNN shape); null = auto (on); false: a test loader
+    # of test_batch_size
+    resident_test: Optional[bool] = None
     train_per_class: int = 0  # use only the first N training images of each class (0 = all)
     test_per_class: int = 0  # same for the test set (0 = all)
 

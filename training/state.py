@@ -8,7 +8,12 @@ states, position in the schedule, the interrupted epoch's statistics).
     runs/<name>/interrupted.pt   after Ctrl-C / SIGTERM mid-epoch (removed at the next epoch end)
 
 Every file goes through :func:`model.fileio.atomic_write`: a crash or a full disk never leaves
-a half-written file, and the previous checkpoint stays loadable.
+a half-written file, and the previous checkpoint stays loadable. Checkpoints are written off the
+critical path: :func:`training_checkpoint` snapshots the state into host memory (copies, not
+views of the live tensors), and :meth:`RunFolder.save` serializes and fsyncs it on a background
+thread while training goes on; a save waits for the previous one, and :meth:`RunFolder.wait` (the
+end of a run, Ctrl-C, SIGTERM) for the last. A write's error (a full disk) is raised by the next
+``save`` or ``wait``: the last complete checkpoint is then still the one on disk.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,11 @@ from model.fileio import atomic_write, atomic_write_text
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
+
+# Test hook: seconds each checkpoint write sleeps between its last byte and its rename, so that
+# a test can kill -9 a run while a background write is in flight. Unset, it costs nothing.
+SAVE_DELAY_ENV = 'CIFAR_CHECKPOINT_DELAY_S'
+
 
 def get_rng_state() -> dict:
     st = {'python': random.getstate(), 'numpy': list(np.random.get_state()),
@@ -74,8 +86,21 @@ def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
         model, model_config=dict(cfg.model), class_names=class_names, coarse_names=coarse_names,
         fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD, config=to_dict(cfg),
         epoch=pos.epoch, step=pos.step, metrics=meta, batch=pos.batch, best_top1=pos.best_top1,
-        elapsed_s=pos.elapsed_s, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-        rng=get_rng_state(), partial=pos.partial)
+        elapsed_s=pos.elapsed_s, optimizer=snapshot(optimizer.state_dict()),
+        scaler=scaler.state_dict(), rng=get_rng_state(), partial=pos.partial)
+
+
+def snapshot(obj):
+    """``obj`` with every tensor copied to host memory: what the optimizer's ``state_dict()``
+    returns are the live momentum buffers, which the next step changes while a background thread
+    is still writing them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
 
 
 def restore(path: str | os.PathLike, *, model, optimizer, scaler) -> Position:
@@ -103,6 +128,8 @@ class RunFolder:
         self.path, self.is_main = Path(path), is_main
         self.metrics_path = self.path / 'metrics.jsonl'
         self.records: list[dict] = []
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def start(self, cfg, *, resumed_epochs: int | None) -> None:
         """Write the resolved config; keep the metrics of the ``resumed_epochs`` epochs a
@@ -124,13 +151,39 @@ class RunFolder:
     def _write_metrics(self) -> None:
         atomic_write_text(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in self.records))
 
-    def save(self, ckpt: dict, *names: str) -> None:
-        """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names:
-        checkpointing sits on the time-to-accuracy path every epoch."""
+    def save(self, ckpt: dict, *names: str, wait: bool = False) -> None:
+        """Write ``ckpt`` (a snapshot: :func:`training_checkpoint`) as ``names`` on a background
+        thread, after the previous write has finished (its error is raised here); ``wait``: and
+        this one too."""
         if not self.is_main:
             return
+        self.wait()
+        self._writer = threading.Thread(target=self._write_in_background, args=(ckpt, names),
+                                        name=f'checkpoint {names[0]}')  # not a daemon: exit waits
+        self._writer.start()
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the checkpoint being written is on disk; raises the error its write met."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_in_background(self, ckpt: dict, names: tuple[str, ...]) -> None:
+        try:
+            self._write(ckpt, names)
+        except BaseException as e:  # raised in the main thread by the next save() or wait()
+            self._error = e
+
+    def _write(self, ckpt: dict, names: tuple[str, ...]) -> None:
+        """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names."""
         first = self.path / names[0]
-        atomic_save(ckpt, first)
+        delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
+        atomic_save(ckpt, first, before_rename=(lambda: time.sleep(delay)) if delay else None)
         for n in names[1:]:
             tmp = self.path / f'.{n}.link-{os.getpid()}'
             try:

@@ -5,6 +5,7 @@ figure is the trainer's own step (parameter groups, label smoothing, clipping, s
 """
 from __future__ import annotations
 
+import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,71 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
-    """SGD (+ Nesterov) over :func:`param_groups`; the LR is set per step by :class:`TrainStep`."""
-    return torch.optim.SGD(param_groups(model, tcfg.weight_decay), lr=0.0, momentum=tcfg.momentum,
-                           nesterov=tcfg.nesterov and tcfg.momentum > 0)
+def _prefill_dynamo_disable(cls: type) -> None:
+    """Fill ``torch._compile._disable_dynamo``'s per-function cache with the function itself for
+    ``cls``'s methods and its module's functions, so that calling them imports nothing."""
+    import sys
+    import torch._compile
+    inner_code = torch._compile._disable_dynamo(lambda: None).__code__
+    seen = set()
+
+    def prefill(obj, depth=0):
+        if id(obj) in seen or depth > 3 or getattr(obj, '__code__', None) is None:
+            return
+        seen.add(id(obj))
+        cells = dict(zip(obj.__code__.co_freevars, obj.__closure__ or ()))
+        if obj.__code__ is inner_code:
+            fn = cells['fn'].cell_contents
+            if getattr(fn, '__dynamo_disable', None) is None:
+                setattr(fn, '__dynamo_disable', fn)
+            return
+        for cell in cells.values():  # e.g. the functional SGD's fallback wrapper
+            try:
+                prefill(cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                pass
+    for c in cls.__mro__:
+        for obj in list(vars(c).values()):
+            prefill(obj)
+    for obj in list(vars(sys.modules[cls.__module__]).values()):
+        prefill(obj)
+
+
+def eager_optimizer(cls: type, *args, **kwargs) -> torch.optim.Optimizer:
+    """``cls(*args, **kwargs)`` that never imports ``torch._dynamo`` (0.9 s on our 2-core machine).
+
+    torch.optim imports ``torch._dynamo`` at the first call of its methods only to tell the
+    compiler what not to trace: ``step`` runs through ``_use_grad_for_differentiable`` (imports
+    it on every call, for two ``graph_break()``s, no-ops in eager mode), and ``zero_grad``,
+    ``add_param_group`` (called by the constructor) and the functional SGD kernels through
+    ``torch._compile._disable_dynamo``, which caches ``torch._dynamo.disable(fn)`` as
+    ``fn.__dynamo_disable``. Nothing is traced in an eager run, so those caches hold the functions
+    themselves, and this optimizer's ``step`` is the undecorated one under ``torch.no_grad()``
+    (what the decorator does, less the graph breaks and the profiler-hook wrapper). Written
+    against torch 2.11-2.14; tests/test_training.py checks that training steps import no
+    ``torch._dynamo`` (it fails loudly if torch changes this). Not for ``training.compile``."""
+    import sys
+    if 'torch._dynamo' in sys.modules:  # imported anyway (compile, or the caller): no gain
+        return cls(*args, **kwargs)
+    _prefill_dynamo_disable(cls)
+    optimizer = cls(*args, **kwargs)
+    raw = cls.step
+    while hasattr(raw, '__wrapped__'):  # profile-hook wrapper -> _use_grad -> SGD.step
+        raw = raw.__wrapped__
+
+    def step(closure=None):
+        with torch.no_grad():
+            return raw(optimizer, closure)
+    optimizer.step = step  # an instance attribute: GradScaler.step calls it too
+    return optimizer
+
+
+def make_optimizer(model: torch.nn.Module, tcfg, *, eager: bool = True) -> torch.optim.Optimizer:
+    """SGD (+ Nesterov) over :func:`param_groups`; the LR is set per step by :class:`TrainStep`.
+    ``eager``: the model is not compiled (:func:`eager_optimizer`)."""
+    make = functools.partial(eager_optimizer, torch.optim.SGD) if eager else torch.optim.SGD
+    return make(param_groups(model, tcfg.weight_decay), lr=0.0, momentum=tcfg.momentum,
+                nesterov=tcfg.nesterov and tcfg.momentum > 0)
 
 
 class TrainStep:

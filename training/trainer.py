@@ -29,11 +29,13 @@ from model.checkpoint import load_checkpoint
 from model.fileio import DiskFullError
 
 from . import distributed as D
+from .budget import TimeBudget, format_budget
 from .config import ROOT, ConfigError, load_config
+from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
 from .metrics import EpochStats, plot_curves, summarize, write_json
-from .runtime import (accum_dtype, autocast, configure_backends, device_name, dtype_name,
-                      resolve_device, resolve_precision, seed_everything, sync, use_channels_last,
+from .runtime import (configure_backends, device_name, dtype_name, resolve_device,
+                      resolve_precision, seed_everything, sync, use_channels_last,
                       workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
 from .step import TrainStep, lr_schedule, make_optimizer
@@ -45,6 +47,9 @@ class _StopAtBatchBoundary(Exception):
     pass
 
 
+FIRST_STEPS = 2  # steps timed apart as `first_steps` (cuDNN autotuning, allocator warm-up)
+
+
 @dataclass
 class Trainer:
     cfg: object
@@ -52,31 +57,39 @@ class Trainer:
     resume: str | None = None
     log: callable = print
     info: D.DistInfo = field(default_factory=D.dist_from_env)
+    budget: TimeBudget = field(default_factory=TimeBudget)  # the clock runs from process start
+    _timed_first_steps: bool = field(default=False, init=False)
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
         from ffcv_pipeline.data import build_data
-        self.t_start = time.perf_counter()
-        cfg, tc = self.cfg, self.cfg.training
-        self.device = resolve_device(tc.device, self.info)
-        D.init(self.info, self.device)
-        self.dtype = resolve_precision(tc.precision, self.device)
-        seed_everything(tc.seed)
-        configure_backends(deterministic=tc.deterministic)
-        self.workers = workers_per_process(cfg.data.num_workers)
-        channels_last = use_channels_last(cfg.model.channels_last, self.device, cfg.model.width)
-        self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT, workers=self.workers,
-                               channels_last=channels_last, rank=self.info.rank,
-                               world_size=self.info.world_size)
+        cfg, tc, b = self.cfg, self.cfg.training, self.budget
+        with b.span('device_init'):
+            self.device = resolve_device(tc.device, self.info)
+            D.init(self.info, self.device)
+            self.dtype = resolve_precision(tc.precision, self.device)
+            seed_everything(tc.seed)
+            configure_backends(deterministic=tc.deterministic)
+            self.workers = workers_per_process(cfg.data.num_workers)
+            channels_last = use_channels_last(cfg.model.channels_last, self.device, cfg.model.width)
+        with b.span('data_open'):
+            self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT,
+                                   workers=self.workers, channels_last=channels_last,
+                                   rank=self.info.rank, world_size=self.info.world_size)
         if len(self.data.train) == 0:
             raise ConfigError(f'data.batch_size {cfg.data.batch_size} exceeds the '
                               f'{self.data.train.num_samples} training images per process')
-        m = cfg.model
+        with b.span('model_build'):
+            self._build_model(channels_last)
+
+    def _build_model(self, channels_last: bool) -> None:
+        """Model, optimizer, schedule, step, resumed state and the run folder."""
+        cfg, tc, m = self.cfg, self.cfg.training, self.cfg.model
         self.model = build_model(m.arch, num_classes=m.num_classes, width=m.width,
                                  channels_last=channels_last).to(self.device)
         self.layout = 'channels-last' if channels_last else 'NCHW'
         self.n_params = count_parameters(self.model)
-        optimizer = make_optimizer(self.model, tc)
+        optimizer = make_optimizer(self.model, tc, eager=not tc.compile)
         self.lrs = lr_schedule(lr=tc.lr, epochs=tc.epochs, iters_per_epoch=len(self.data.train),
                                warmup_epochs=tc.warmup_epochs, kind=tc.lr_schedule)
         # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
@@ -100,7 +113,8 @@ class Trainer:
         self.run_dir.start(cfg, resumed_epochs=self.start.epoch if self.resume else None)
 
     def warmup_jit(self) -> float:
-        """Compile the FFCV pipelines (numba) before timing epochs; returns seconds."""
+        """Compile the FFCV pipelines (numba; the resident test split has none) before timing
+        epochs; returns seconds."""
         t = time.perf_counter()
         for loader in (self.data.train, self.data.test):
             for _ in loader.epoch(0):
@@ -109,18 +123,33 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
-        self.setup()
         try:
+            self.setup()
             return self._run()
-        finally:  # the torchvision loader's worker processes end with the run, not at some GC
-            self.data.close()
+        finally:  # a checkpoint in flight is complete on disk before the run ends, however
+            if hasattr(self, 'run_dir'):  # it ends (Ctrl-C, SIGTERM, an error)
+                self._wait_for_checkpoint()
+            if hasattr(self, 'data'):  # the torchvision loader's worker processes end now
+                self.data.close()
+
+    def _wait_for_checkpoint(self) -> None:
+        """Join the background write; its error is raised unless another one is on its way out
+        (that one says more: the last complete checkpoint is on disk either way)."""
+        import sys
+        pending = sys.exc_info()[1]
+        try:
+            self.run_dir.wait()
+        except BaseException:
+            if pending is None:
+                raise
 
     def _run(self) -> dict:
         cfg, main = self.cfg, self.info.is_main
         if main:
             self._log_start()
-        jit_s = self.warmup_jit()
-        setup_s = time.perf_counter() - self.t_start
+        with self.budget.span('loader_warmup'):
+            jit_s = self.warmup_jit()
+        setup_s = self.budget.elapsed()
         if main:
             what = 'FFCV/numba JIT compilation' if self.data.loader == 'ffcv' else 'loader workers starting'
             self.log(f'set-up {setup_s:.1f} s, of which {what} {jit_s:.1f} s')
@@ -131,6 +160,7 @@ class Trainer:
                 self.train_epoch(epoch, stats)  # a stop request in here saves interrupted.pt
                 self.end_epoch(epoch, stats)
             if self.stop.agreed(self.device):  # during evaluation or saving: last.pt is complete
+                self.run_dir.wait()
                 raise TrainingInterrupted(self.run_dir.path / 'last.pt')
         return self.finish(jit_s, setup_s)
 
@@ -138,21 +168,30 @@ class Trainer:
         """One optimizer step per batch; the LR schedule is an array indexed by step."""
         self.train_step.net.train()
         bar = self._progress_bar(epoch)
-        t0 = time.perf_counter()
+        t0, wait0, first, n = time.perf_counter(), stats.wait_s, 0.0, 0
         try:
             for b, (x, y) in self.batches(epoch, stats):
                 loss, logits = self.train_step(x, y, self.lrs[self.step])
                 self.step += 1
                 stats.add(loss, logits, y)
                 bar.update(1)
+                n += 1
+                if n == FIRST_STEPS and not self._timed_first_steps:  # once per process: cuDNN
+                    sync(self.device)  # autotunes, the allocator grows, in these steps
+                    first = time.perf_counter() - t0 - (stats.wait_s - wait0)
+                    self.budget.add('first_steps', first)
+                    self._timed_first_steps = True
                 if (b + 1) % CHECK_EVERY == 0 or b + 1 == len(self.data.train):
                     self._check_progress(stats, epoch, b, bar, time.perf_counter() - t0)
         except _StopAtBatchBoundary:
             self._save_interrupted(epoch, stats, time.perf_counter() - t0)
         finally:
             bar.close()
-        sync(self.device)
-        stats.seconds += time.perf_counter() - t0
+            sync(self.device)
+            seconds, waited = time.perf_counter() - t0, stats.wait_s - wait0
+            self.budget.add('data_wait', waited)
+            self.budget.add('train_steps', seconds - waited - first)
+        stats.seconds += seconds
 
     def batches(self, epoch: int, stats: EpochStats):
         """(index, (x, y)) of ``epoch``, less the batches a resumed run already trained on;
@@ -173,23 +212,12 @@ class Trainer:
                 raise _StopAtBatchBoundary
             yield b, batch
 
-    @torch.no_grad()  # not inference_mode: FFCV allocates its buffers here and writes them from
     def evaluate(self) -> tuple[float, float, float, int]:
-        """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured.
-        (its thread, where an inference tensor may not be written in place)"""
+        """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured."""
         t0 = time.perf_counter()
         D.broadcast_buffers(self.model)  # BatchNorm statistics: rank 0's, as DDP trains with
-        net = self.eval_net.eval()
-        sums = torch.zeros(3, device=self.device, dtype=accum_dtype(self.device))  # top1, top5, count
-        for x, y in self.data.test.epoch(0):
-            with autocast(self.device, self.dtype):
-                logits = net(x).float()
-                if self.cfg.training.tta:
-                    logits = logits + net(torch.flip(x, dims=[3])).float()
-            top5 = logits.topk(5, dim=1).indices
-            sums[0] += (top5[:, 0] == y).sum()
-            sums[1] += (top5 == y[:, None]).any(1).sum()
-            sums[2] += y.shape[0]
+        sums = evaluate(self.eval_net, self.data.test, device=self.device, dtype=self.dtype,
+                        tta_flip=self.cfg.training.tta)
         top1, top5, n = D.all_reduce_sum(sums).tolist()
         return top1 / n, top5 / n, time.perf_counter() - t0, int(n)
 
@@ -202,6 +230,8 @@ class Trainer:
         eval_s, n_test = 0.0, 0
         if (epoch + 1) % cfg.training.eval_every == 0 or last:
             top1, top5, eval_s, n_test = self.evaluate()
+            self.budget.add('evaluation', eval_s)
+        t_log = time.perf_counter()
         record = {
             'epoch': epoch + 1, 'lr': float(self.lrs[self.step - 1]),
             'train_loss': tot['loss_sum'] / tot['seen'], 'train_acc': tot['correct'] / tot['seen'],
@@ -217,21 +247,26 @@ class Trainer:
         if not self.info.is_main:
             return
         self.run_dir.add_record(record)
+        self._last_record_s = time.perf_counter() - t_log
         t1 = f'{top1:.4f}' if top1 is not None else '-'
         self.log(f'epoch {epoch + 1:3d}/{cfg.training.epochs}  lr {record["lr"]:.4f}  '
                  f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
                  f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
                  f'{stats.seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
+        self.budget.add('logging', time.perf_counter() - t_log)
         names = ['last.pt'] + (['best.pt'] if improved else [])
         if cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0:
             names.append(f'epoch_{epoch + 1:03d}.pt')
-        self.run_dir.save(self._checkpoint(epoch + 1, metrics={'test_top1': top1, 'test_top5': top5}),
-                          *names)
-        self.run_dir.discard('interrupted.pt')
+        with self.budget.span('checkpointing'):  # a snapshot; the write runs in the background
+            self.run_dir.save(self._checkpoint(epoch + 1, metrics={'test_top1': top1, 'test_top5': top5}),
+                              *names)
+            self.run_dir.discard('interrupted.pt')
 
     def finish(self, jit_s: float, setup_s: float) -> dict:
         if not self.info.is_main:
             return {}
+        t_end = time.perf_counter()
+        self.run_dir.wait()  # the last checkpoint is on disk (a full disk surfaces here)
         cfg, records = self.cfg, self.run_dir.records
         summary = summarize(
             records, target=cfg.training.target_top1, config=self.config_name,
@@ -243,7 +278,6 @@ class Trainer:
             gpu=device_name(self.device) if self.device.type == 'cuda' else None,
             precision=dtype_name(self.dtype), params=self.n_params, loader=self.data.loader,
             torch_version=str(torch.__version__), ffcv_version=ffcv_version() if self.data.loader == 'ffcv' else None)
-        write_json(self.run_dir.path / 'summary.json', summary)
         if cfg.output.plot and records:
             best = summary['best_top1']
             try:
@@ -251,17 +285,22 @@ class Trainer:
                             title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''))
             except ImportError as e:  # a bare GPU host without matplotlib: the figures are in the JSON
                 self.log(f'note: no curves.png ({e})')
+        self.budget.add('end', time.perf_counter() - t_end)
+        summary['time_budget'] = self.budget.report()
+        write_json(self.run_dir.path / 'summary.json', summary)
         fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')
         tt, target = summary['time_to_target_s'], cfg.training.target_top1
         reached = (f'reached {target:.0%} at {tt:.1f} s (epoch {summary["epoch_reached_target"]})'
                    if tt is not None else f'did not reach {target:.0%}')
         self.log(f'done: best top-1 {fmt(summary["best_top1"])}, final {fmt(summary["final_top1"])}, '
                  f'{reached}; total {summary["total_seconds"]:.1f} s; {self.run_dir.path}/summary.json')
+        self.log(f'time budget: {format_budget(summary["time_budget"])}')
         return summary
 
     # ---- helpers ------------------------------------------------------------------------------
     def _elapsed(self) -> float:
-        return self.start.elapsed_s + time.perf_counter() - self.t_start
+        """Wall-clock seconds of this run since its (first) process started."""
+        return self.start.elapsed_s + self.budget.elapsed()
 
     def _checkpoint(self, epoch: int, *, batch: int = 0, metrics: dict | None = None,
                     partial: dict | None = None) -> dict:
@@ -276,7 +315,8 @@ class Trainer:
         sync(self.device)
         stats.seconds += seconds
         batch = self.step - epoch * len(self.data.train)  # every epoch has len() steps (drop_last)
-        self.run_dir.save(self._checkpoint(epoch, batch=batch, partial=stats.reduced()), 'interrupted.pt')
+        self.run_dir.save(self._checkpoint(epoch, batch=batch, partial=stats.reduced()), 'interrupted.pt',
+                          wait=True)
         raise TrainingInterrupted(self.run_dir.path / 'interrupted.pt')
 
     def _check_progress(self, stats: EpochStats, epoch: int, b: int, bar, seconds: float) -> None:

@@ -1,0 +1,257 @@
+"""The fixed costs off the critical path: the time budget from process start, the resident test
+split, checkpoints written in the background, and the start-up cuts (ffcv's typed-dict import,
+torch._dynamo, numba's on-disk cache). Every docstring names the mutation it catches."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PY, ROOT, as_cli, same_weights, tiny
+
+
+def tv(betons, out, **extra):
+    return tiny(betons, out, **{'data.loader': 'torchvision', **extra})
+
+
+def test_budget_spans_sum_to_the_process_wall_clock(synthetic_betons, tmp_path):
+    """``scripts/train.py`` as a user runs it, timed from outside: the summary's budget holds
+    every span, they sum to its total, and the total is the process's own wall-clock within 2%
+    (the clock starts when the kernel started the process, imports included, and the process
+    ends right after the last line). ``time_to_target_s`` counts from process start,
+    ``train_seconds_to_target`` the training loops only. Catches a clock started in the trainer
+    (startup missing: the total falls short), a span left out of the sum, and a slow teardown
+    after the budget was taken."""
+    run = tmp_path / 'run'
+    args = [PY, 'scripts/train.py', '--config', 'tiny_cpu',
+            *as_cli(tiny(synthetic_betons, run, **{'data.loader': 'ffcv', 'training.target_top1': 0.0}))]
+    t = time.perf_counter()
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    wall = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run / 'summary.json').read_text())
+    b = s['time_budget']
+    from training.budget import SPANS
+    assert list(b) == [*SPANS, 'total']
+    assert sum(v for k, v in b.items() if k != 'total') == pytest.approx(b['total'], abs=1e-3)
+    assert abs(b['total'] - wall) <= 0.02 * wall, (b, wall)
+    assert b['startup'] > 0.3 and b['loader_warmup'] > 0 and b['train_steps'] > 0
+    assert b['evaluation'] > 0 and b['first_steps'] > 0 and b['end'] > 0
+    assert abs(b['other']) < 0.02 * b['total']  # the named spans hold the time
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert s['epoch_reached_target'] == 1
+    assert s['time_to_target_s'] == records[0]['wallclock_s'] > b['startup'] + b['loader_warmup']
+    assert s['train_seconds_to_target'] == pytest.approx(records[0]['epoch_seconds'], abs=1e-3)
+    assert 'time budget: ' in r.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('batch', [50, 60])  # 200 test images: 4 full batches; 3 + a padded one
+def test_resident_evaluation_equals_the_loader_evaluation(synthetic_betons, tmp_path, batch):
+    """The same weights evaluated through the FFCV test loader and through the resident split
+    (one uint8 tensor, fixed-shape batches, the last one padded): the same top-1, top-5 and
+    image count. Catches counting the padding (n = 240), a padded label that can match a class,
+    and a normalization that differs from the loader's."""
+    from training.config import load_config
+    from training.trainer import Trainer
+    results, models = [], None
+    for resident in (False, True):
+        cfg = load_config('tiny_cpu', tiny(synthetic_betons, tmp_path / f'r{resident}', **{
+            'data.loader': 'ffcv', 'data.batch_size': batch, 'data.resident_test': resident,
+            'model.width': 16}))
+        tr = Trainer(cfg, log=lambda *_: None)
+        tr.setup()
+        try:
+            if models is None:
+                models = {k: v.clone() for k, v in tr.model.state_dict().items()}
+                for m in tr.model.modules():  # non-trivial BatchNorm statistics
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_mean.uniform_(-0.3, 0.3)
+                        m.running_var.uniform_(0.5, 2.0)
+                models = {k: v.clone() for k, v in tr.model.state_dict().items()}
+            tr.model.load_state_dict(models)
+            assert type(tr.data.test).__name__ == ('ResidentSplit' if resident else 'CifarLoader')
+            top1, top5, _, n = tr.evaluate()
+            results.append((top1, top5, n))
+        finally:
+            tr.data.close()
+    assert results[0] == results[1] and results[0][2] == 200
+    assert 0 < results[0][1] < 1  # not a degenerate comparison
+
+
+def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_betons):
+    """Every batch of the resident split has the training batch shape; the padding labels are
+    -1; the normalized pixels equal (x - mean) / std. Catches a short last batch (a second cuDNN
+    shape) and padding labels that are real classes."""
+    import numpy as np
+    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+    from ffcv_pipeline.resident import PAD_LABEL, ResidentSplit, read_split
+    images, labels = read_split(synthetic_betons / 'cifar100_test.beton')
+    arrays, alabels = read_split(synthetic_betons / 'cifar100_test.npy')
+    assert np.array_equal(images, arrays) and np.array_equal(labels, alabels)
+    split = ResidentSplit(images, labels, device=torch.device('cpu'), dtype=torch.float32, batch_size=64)
+    batches = list(split.epoch(0))
+    assert len(batches) == len(split) == 4 and {tuple(x.shape) for x, _ in batches} == {(64, 3, 32, 32)}
+    y = torch.cat([y for _, y in batches])
+    assert (y[:200] == torch.from_numpy(labels)).all() and (y[200:] == PAD_LABEL).all()
+    x0 = batches[0][0][0]
+    want = (torch.from_numpy(images[0]).permute(2, 0, 1).double() - torch.tensor(CIFAR100_MEAN, dtype=torch.float64).view(3, 1, 1)) \
+        / torch.tensor(CIFAR100_STD, dtype=torch.float64).view(3, 1, 1)
+    assert torch.equal(x0, want.float()) and batches[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(synthetic_betons, tmp_path, monkeypatch):
+    """Each checkpoint write sleeps 1 s before its rename (the test hook): the run still ends
+    with the last epoch's last.pt and best.pt complete, and no temporary file. Catches a run
+    that returns without joining the writer thread."""
+    from training.state import SAVE_DELAY_ENV
+    from training.trainer import train
+    monkeypatch.setenv(SAVE_DELAY_ENV, '1')
+    run = tmp_path / 'run'
+    train('tiny_cpu', tv(synthetic_betons, run), log=lambda *_: None)
+    assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.')]
+
+
+def test_the_snapshot_is_a_copy_of_the_live_state(synthetic_betons, tmp_path):
+    """A checkpoint is built from copies: training on after the snapshot changes none of its
+    tensors. Catches saving views of the live weights or momentum buffers (a background write
+    would then mix two steps)."""
+    from training.config import load_config
+    from training.trainer import Trainer
+    tr = Trainer(load_config('tiny_cpu', tv(synthetic_betons, tmp_path / 'run')), log=lambda *_: None)
+    tr.setup()
+    try:
+        for x, y in tr.data.train.epoch(0):
+            tr.train_step(x, y, 0.1)
+            break
+        ck = tr._checkpoint(1)
+        frozen = {k: v.clone() for k, v in ck['model'].items()}
+        momentum = [s['momentum_buffer'].clone() for s in ck['optimizer']['state'].values()]
+        for x, y in tr.data.train.epoch(0):
+            tr.train_step(x, y, 0.1)
+        assert all(torch.equal(frozen[k], ck['model'][k]) for k in frozen)
+        assert all(torch.equal(a, s['momentum_buffer']) for a, s in zip(momentum, ck['optimizer']['state'].values()))
+        assert not torch.equal(frozen['fc.weight'], tr.model.fc.weight.detach())
+    finally:
+        tr.data.close()
+
+
+def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv, synthetic_betons, tmp_path):
+    """A real ``kill -9`` while epoch 2's checkpoint is being written in the background (a 30 s
+    sleep before its rename): last.pt is epoch 1's, complete, and resuming it ends on the
+    uninterrupted run's weights. Catches a write that replaces last.pt before it is complete."""
+    from training.state import SAVE_DELAY_ENV
+    run = tmp_path / 'killed'
+    env = {**os.environ, SAVE_DELAY_ENV: '30', 'PYTHONUNBUFFERED': '1'}
+    p = subprocess.Popen([PY, 'scripts/train.py', '--config', 'tiny_cpu',
+                          *as_cli(tv(synthetic_betons, run, **{'data.batch_size': 20}))],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in p.stdout:  # epoch 2 has been logged: its save waits for epoch 1's, then sleeps
+            if line.startswith('epoch   2/2'):
+                break
+        deadline = time.monotonic() + 60
+        while not (run / 'last.pt').exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # epoch 1's write has landed; epoch 2's is in flight
+        time.sleep(0.3)
+        assert p.poll() is None, 'the run ended before it could be killed'
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 1
+    from training.trainer import train
+    train(None, ['output.progress=off'], resume=str(run / 'last.pt'), log=lambda *_: None)
+    assert same_weights(ref_run_tv / 'last.pt', run / 'last.pt')
+
+
+@pytest.fixture(scope='module')
+def ref_run_tv(synthetic_betons, tmp_path_factory):
+    """An uninterrupted 2-epoch run (torchvision loader, batch 20)."""
+    from training.trainer import train
+    out = tmp_path_factory.mktemp('ref') / 'ref'
+    train('tiny_cpu', tv(synthetic_betons, out, **{'data.batch_size': 20}), log=lambda *_: None)
+    return out
+
+
+def test_eager_training_steps_import_no_dynamo_and_match_plain_sgd():
+    """Building the optimizer and taking steps in a fresh process imports no ``torch._dynamo``
+    (0.9 s), and the weights equal those of torch's own ``SGD.step`` bit for bit. Catches torch
+    changing the wrappers we rely on (the import comes back) and a step that differs."""
+    code = '''
+import sys, torch
+from model import build_model
+from training.config import load_config
+from training.step import TrainStep, make_optimizer
+cfg = load_config('tiny_cpu', ['model.width=8'])
+runs = []
+for eager in (True, False):
+    torch.manual_seed(0)
+    m = build_model('resnet18', width=8, channels_last=False)
+    step = TrainStep(m, make_optimizer(m, cfg.training, eager=eager), device=torch.device('cpu'), dtype=torch.float32)
+    x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8)
+    for _ in range(3):
+        step(x, y, 0.1)
+    step.optimizer.load_state_dict(step.optimizer.state_dict())
+    runs.append(m.state_dict())
+    if eager:
+        print('dynamo imported:', 'torch._dynamo' in sys.modules)
+print('same:', all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0]))
+'''
+    r = subprocess.run([PY, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'dynamo imported: False' in r.stdout and 'same: True' in r.stdout, r.stdout
+
+
+def test_ffcv_imports_without_compiling_a_typed_dict():
+    """``load_ffcv`` hands ffcv a plain dict for its image-mode table (2.5 s less import) and
+    restores numba's ``Dict``. Catches ffcv 1.0.2 changing the table (a different type or
+    entries: the patch would then be wrong) and a patch that leaks into numba."""
+    code = '''
+import numba.typed, sys
+from ffcv_pipeline import load_ffcv
+load_ffcv()
+import ffcv.fields.rgb_image as r
+print(type(r.IMAGE_MODES).__name__, sorted(r.IMAGE_MODES.items()), numba.typed.Dict is dict)
+'''
+    r = subprocess.run([PY, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ['dict', "[('jpg',", "0),", "('raw',", '1)]', 'False']
+
+
+def test_our_kernels_come_from_numba_s_disk_cache(synthetic_betons, tmp_path):
+    """A second process builds the training pipeline with our augmentation and normalization
+    kernels loaded from numba's cache (no compilation); a changed augment.py (its stamp) empties
+    the cache. Catches kernels defined as closures again (uncacheable) and a stale cache that
+    would let the JIT ops drift from their numpy twin."""
+    code = f'''
+from pathlib import Path
+import torch
+from training.config import load_config
+from ffcv_pipeline.data import build_data
+from ffcv_pipeline import ops
+cfg = load_config('tiny_cpu', ['data.train_path={synthetic_betons / "cifar100_train.beton"}',
+                               'data.test_path={synthetic_betons / "cifar100_test.beton"}', 'data.loader=ffcv'])
+d = build_data(cfg, device=torch.device('cpu'), dtype=torch.float32, root=Path('.'), workers=2)
+for _ in d.train.epoch(0):
+    break
+print('hits', sum(sum(k.stats.cache_hits.values()) for k in ops.CACHED_KERNELS),
+      'misses', sum(sum(k.stats.cache_misses.values()) for k in ops.CACHED_KERNELS))
+'''
+    runs = [subprocess.run([PY, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[1].stdout.split()[-4:] == ['hits', '4', 'misses', '0'], runs[1].stdout
+    from ffcv_pipeline import ops
+    marker = Path(ops.flip_kernel._cache._cache_path) / 'ffcv_pipeline_ops.stamp'
+    marker.write_text('stale')  # as if augment.py had changed since the cache was written
+    r = subprocess.run([PY, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split()[-4:] == ['hits', '0', 'misses', '4'], r.stdout
+    assert marker.read_text() != 'stale'
