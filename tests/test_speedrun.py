@@ -54,6 +54,13 @@ def test_speedrun_runs_seeds_per_recipe_and_averages_them(synthetic_betons, tmp_
         assert agg['time_to_target_s'] == (None if not tt else {'mean': pytest.approx(statistics.fmean(tt)),
                                                                  'min': min(tt), 'max': max(tt)})
         assert agg['median_train_images_per_s'] == statistics.median(r['median_train_images_per_s'] for r in mine)
+        tr = [r['train_seconds_to_target'] for r in mine if r['train_seconds_to_target'] is not None]
+        assert (agg['train_seconds_to_target'] is None) == (not tr)
+        if tr:
+            assert agg['train_seconds_to_target']['mean'] == pytest.approx(statistics.fmean(tr))
+        for span in ('startup', 'loader_warmup', 'train_steps', 'evaluation', 'total'):  # the budget per run
+            assert agg['time_budget'][span] == pytest.approx(statistics.fmean(r['time_budget'][span] for r in mine), abs=2e-3)
+        assert f'{agg["label"]}: {agg["time_budget"]["total"]:.1f} s = startup' in stdout
         assert agg['label'] in stdout and f'{len(tt)}/2 reached' in stdout if tt else 'not reached (0/2)' in stdout
     assert res['target_top1'] == 0.02 and res['environment']['device'].startswith('cpu')
     assert not res['stopped_by_budget']

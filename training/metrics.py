@@ -122,16 +122,18 @@ def summarize(records: list[dict], *, target: float, **extra) -> dict:
     }
 
 
-def plot_curves(records: list[dict], path: Path, *, title: str = '', target: float | None = None) -> None:
+def plot_curves(records: list[dict], path: Path, *, title: str = '', target: float | None = None,
+                budget: dict | None = None) -> None:
     """Loss; accuracy per epoch; test top-1 against wall-clock seconds (the mission is
-    wall-clock, not epochs) with the target line; images/s. Written atomically as a PNG."""
+    wall-clock, not epochs) with the target line; images/s; the time budget as a stacked bar.
+    Written atomically as a PNG."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     ep = [r['epoch'] for r in records]
     ev = [r for r in records if r.get('test_top1') is not None]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     axes[0].plot(ep, [r['train_loss'] for r in records], 'o-', label='train loss')
     axes[0].set_xlabel('epoch'), axes[0].set_ylabel('loss'), axes[0].legend()
     axes[1].plot(ep, [r['train_acc'] for r in records], 'o-', label='train top-1 (augmented)')
@@ -140,16 +142,40 @@ def plot_curves(records: list[dict], path: Path, *, title: str = '', target: flo
     axes[1].set_xlabel('epoch'), axes[1].set_ylabel('accuracy')
     axes[2].plot([r['wallclock_s'] for r in ev], [r['test_top1'] for r in ev], 'o-', color='C1',
                  label='test top-1')
-    axes[2].set_xlabel('wall-clock seconds (set-up and JIT included)'), axes[2].set_ylabel('test top-1')
+    axes[2].set_xlabel('wall-clock seconds from process start'), axes[2].set_ylabel('test top-1')
     for ax in axes[1:3]:
         if target is not None:
             ax.axhline(target, color='k', ls='--', lw=1, label=f'target {target:.0%}')
         ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
     axes[3].plot(ep, [r['train_images_per_s'] for r in records], 'o-', color='C2')
     axes[3].set_xlabel('epoch'), axes[3].set_ylabel('training images/s')
+    if budget:
+        plot_budgets(axes[4], ['this run'], [budget])
+    else:
+        axes[4].set_axis_off()
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_budgets(ax, labels: list[str], budgets: list[dict]) -> None:
+    """One horizontal stacked bar per run: where its wall-clock went (``training.budget``)."""
+    from .budget import SPANS
+    if not budgets:
+        ax.set_axis_off()
+        return
+    left = [0.0] * len(budgets)
+    for i, span in enumerate(SPANS):
+        widths = [max(b.get(span, 0.0), 0.0) for b in budgets]
+        if any(widths):
+            ax.barh(range(len(budgets)), widths, left=left, height=0.5, color=f'C{i % 10}' if i < 10 else 'grey',
+                    hatch='//' if i >= 10 else None, label=span)
+            left = [a + w for a, w in zip(left, widths)]
+    ax.set_yticks(range(len(budgets)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel('seconds from process start')
+    ax.set_title('time budget')
+    ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
 
 
 def save_figure(fig, path: Path) -> None:

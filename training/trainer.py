@@ -280,9 +280,10 @@ class Trainer:
             torch_version=str(torch.__version__), ffcv_version=ffcv_version() if self.data.loader == 'ffcv' else None)
         if cfg.output.plot and records:
             best = summary['best_top1']
-            try:
+            try:  # the budget so far (the plot's own time goes to `end` after it)
                 plot_curves(records, self.run_dir.path / 'curves.png', target=cfg.training.target_top1,
-                            title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''))
+                            title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''),
+                            budget=self.budget.report())
             except ImportError as e:  # a bare GPU host without matplotlib: the figures are in the JSON
                 self.log(f'note: no curves.png ({e})')
         self.budget.add('end', time.perf_counter() - t_end)
