@@ -24,12 +24,13 @@ import torch
 from . import ffcv_import_error
 from .archive import DatasetError
 from .constants import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, MANIFEST_NAME
+from .interface import Batches
 
 
 @dataclass
 class TrainingData:
-    train: object  # loaders.CifarLoader: .epoch(e) -> iterator of (x, y); len() = batches
-    test: object
+    train: Batches  # interface.Batches: .epoch(e) -> (x, y) batches; len() = batches per epoch
+    test: Batches  # the resident split, or a test loader
     class_names: list[str]
     coarse_names: list[str]
     loader: str = 'ffcv'  # which loader: 'ffcv' or 'torchvision'

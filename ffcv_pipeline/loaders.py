@@ -184,7 +184,8 @@ class CifarLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self.loader.indices)
+        """This process's images per epoch: under torchrun FFCV's order holds this rank's share."""
+        return len(self.loader.first_traversal_order)
 
     @property
     def indices(self) -> np.ndarray:

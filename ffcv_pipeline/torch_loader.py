@@ -120,7 +120,7 @@ def _keep(batch):  # the dataset already returns the batch: no collation (pickla
 
 @dataclass
 class TorchLoader:
-    """The ``ffcv_pipeline.loaders.CifarLoader`` interface over a torch ``DataLoader``."""
+    """The loader interface (``ffcv_pipeline.interface.Batches``) over a torch ``DataLoader``."""
     loader: torch.utils.data.DataLoader
     sampler: _EpochBatches
     device: torch.device

@@ -207,3 +207,28 @@ def test_leaving_an_epoch_early_joins_the_loading_thread(synthetic_betons):
     threading.Thread(target=leave_late, daemon=True).start()
     assert done.wait(30), 'leaving the epoch near its end hung'
     assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+
+
+def test_every_loader_implements_the_one_interface_with_the_same_counts(synthetic_betons):
+    """The FFCV loader, the torch loader and the resident split all satisfy
+    ``ffcv_pipeline.interface.Batches`` and agree on ``num_samples`` (this process's images per
+    epoch) and ``len`` for the same split and subset. Catches an implementation that drops a
+    member or counts samples differently (all ranks in one, this rank in another)."""
+    import numpy as np
+    from ffcv_pipeline.interface import Batches
+    from ffcv_pipeline.loaders import make_loader, test_pipeline
+    from ffcv_pipeline.resident import ResidentSplit
+    from ffcv_pipeline.torch_loader import make_torch_loader
+    cpu, idx = torch.device('cpu'), np.arange(0, 200, 3)  # 67 images, batches of 20: 4 (3 full)
+    ffcv_loader = make_loader(synthetic_betons / 'cifar100_test.beton', batch_size=20, num_workers=1,
+                              order='sequential', os_cache=True, drop_last=False, indices=idx,
+                              pipelines=test_pipeline(device=cpu, dtype=torch.float32, channels_last=False))
+    torch_loader = make_torch_loader(synthetic_betons / 'cifar100_test.npy', batch_size=20, num_workers=0,
+                                     device=cpu, dtype=torch.float32, seed=0, train=False, indices=idx)
+    resident = ResidentSplit.from_file(synthetic_betons / 'cifar100_test.beton', indices=idx, device=cpu,
+                                       dtype=torch.float32, batch_size=20)
+    for impl in (ffcv_loader, torch_loader, resident):
+        assert isinstance(impl, Batches), type(impl).__name__
+        assert impl.num_samples == 67 and len(impl) == 4, type(impl).__name__
+        assert sum(int((y >= 0).sum()) for _, y in impl.epoch(0)) == 67
+        impl.close()
