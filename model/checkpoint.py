@@ -113,11 +113,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, coarse_names,
                     fine_to_coarse, mean, std, config: dict | None = None, epoch: int = 0,
-                    step: int = 0, metrics: dict | None = None, **extra) -> dict:
-    """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states)."""
+                    step: int = 0, metrics: dict | None = None, host: bool = True, **extra) -> dict:
+    """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states).
+    ``host=False``: the weights stay where they are (the trainer's snapshot copies them)."""
     import datetime as _dt
-    state = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else None, copy=True)
-             for k, v in unwrap(model).state_dict().items()}  # copies: training goes on meanwhile
+    state = {k: v.detach().float() if v.is_floating_point() else v.detach()
+             for k, v in unwrap(model).state_dict().items()}
+    if host:
+        state = {k: v.cpu() for k, v in state.items()}
     return {
         'format': FORMAT, 'format_version': FORMAT_VERSION,
         'model': state, 'model_config': dict(model_config),

@@ -131,7 +131,7 @@ def test_the_snapshot_is_a_copy_of_the_live_state(synthetic_betons, tmp_path):
         for x, y in tr.data.train.epoch(0):
             tr.train_step(x, y, 0.1)
             break
-        ck = tr._checkpoint(1)
+        ck = tr.run_dir.snapshot(tr._checkpoint(1))  # what RunFolder.save hands its writer
         frozen = {k: v.clone() for k, v in ck['model'].items()}
         momentum = [s['momentum_buffer'].clone() for s in ck['optimizer']['state'].values()]
         for x, y in tr.data.train.epoch(0):
