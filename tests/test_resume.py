@@ -174,7 +174,7 @@ def test_second_ctrl_c_aborts_at_once(synthetic_betons, tmp_path):
     trainer.evaluate = evaluate_with_two_ctrl_c
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    assert sorted(p.name for p in run.iterdir()) == ['config.yaml']  # nothing half-written
+    assert sorted(p.name for p in run.iterdir()) == ['.lock', 'config.yaml']  # nothing half-written
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handlers are restored
 
 
