@@ -227,10 +227,10 @@ def test_a_second_run_in_a_live_run_folder_is_refused(synthetic_betons, tmp_path
     finally:
         holder.kill()
         holder.wait()
-    with open(run / '.lock') as f:  # free after kill -9
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tiny(synthetic_betons, run)))
-    assert code == 0 and (run / 'summary.json').is_file(), err
+    from training.state import RunFolder
+    folder = RunFolder.claim(run)  # free after kill -9 (no training needed to show it: ~20 s)
+    assert folder.path == run
+    folder.close()
 
 
 def test_a_new_run_never_replaces_a_finished_one(baseline_run, synthetic_betons, tmp_path):
