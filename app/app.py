@@ -194,9 +194,32 @@ def load_predictor(checkpoint: str | None, *, compile_model: bool = False,
         return None, f'The checkpoint could not be loaded: {e}. {NO_CHECKPOINT_MESSAGE}'
 
 
+def upload_folder_problem() -> str | None:
+    """Why Gradio could not keep uploads in its temporary folder (``$GRADIO_TEMP_DIR``, else
+    ``<tmp>/gradio``), or None. Checked at start-up: otherwise every upload fails with a
+    traceback in the server log and a bare "Error" in the page. (Standard library only: a
+    torch-free Space ships no ``model/``.)"""
+    import tempfile
+    try:
+        folder = Path(os.environ.get('GRADIO_TEMP_DIR') or Path(tempfile.gettempdir()) / 'gradio')
+    except OSError as e:  # no usable temporary folder at all
+        return f'no temporary folder for uploads ({e.strerror or e}); set GRADIO_TEMP_DIR'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        return (f'{folder}: cannot write the temporary folder for uploads ({e.strerror or e}); '
+                f'set GRADIO_TEMP_DIR to a writable folder')
+    return None
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     args = parse_args(argv)
+    if (problem := upload_folder_problem()) is not None:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     try:
         predictor, problem = load_predictor(args.checkpoint, compile_model=args.compile,
                                             backend=args.backend)

@@ -26,6 +26,8 @@ What lands in ``--out``:
 Nothing half-written: everything is built in a temporary folder beside ``--out`` and moved into
 place at the end (re-exporting into a Space clone replaces our files, removes the ones a
 previous export listed and this one no longer makes, and leaves ``.git`` and the rest alone).
+A file there that no earlier export wrote (it lists them in ``export.json``), e.g. the user's own
+``app.py`` or ``README.md``, stops the export with one line naming it, unless ``--force``.
 Measured figures: docs/BENCHMARKS.md "Export / ONNX".
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ import torch
 
 from model.checkpoint import (PROJECT_ROOT as ROOT, atomic_save, load_checkpoint,
                               model_from_checkpoint, slim_checkpoint)
-from model.fileio import atomic_write, atomic_write_text
+from model.fileio import DiskFullError, NotWritableError, atomic_write, atomic_write_text, is_disk_full
+from model.errors import UserError
 from model.resnet import count_parameters
 
 from .modelmeta import META_KEY, ModelMeta
@@ -58,13 +61,13 @@ ONNX_TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch; measured 
 OPSET = 17
 SPACE_MODULES = {'common': ('app.py', 'predictor.py', 'images.py', 'modelmeta.py'),
                  'onnx': ('onnx_backend.py',), 'torch': ('torch_backend.py',)}
-MODEL_PACKAGE = ('__init__.py', 'resnet.py', 'checkpoint.py', 'fileio.py')  # torch Space only
+MODEL_PACKAGE = ('__init__.py', 'resnet.py', 'checkpoint.py', 'fileio.py', 'errors.py')  # torch Space only
 REQUIREMENTS = {'onnx': HERE / 'requirements-onnx.txt', 'torch': HERE / 'requirements.txt'}
 EXAMPLE_DIRS = (ROOT / 'data_beton' / 'examples', HERE / 'examples')
 MANIFEST = 'export.json'
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot be done as asked (one line; ``scripts/_cli.run`` prints it)."""
 
 
@@ -188,16 +191,39 @@ def _stage_space(stage: Path, ckpt: dict, backend: str, examples: list[Path]) ->
         _copy(p, stage / 'examples' / p.name)
 
 
-def _publish(stage: Path, out: Path) -> list[str]:
+def _previous_files(out: Path) -> set[str]:
+    """The files a previous export into ``out`` wrote (its ``export.json``), else none."""
+    try:
+        return set(json.loads((out / MANIFEST).read_text()).get('files', []))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, AttributeError) as e:
+        raise ExportError(f'{out / MANIFEST}: unreadable ({e}); it says which files an earlier export '
+                          f'wrote: fix or delete it, or pass --force') from None
+
+
+def _publish(stage: Path, out: Path, *, force: bool = False) -> list[str]:
     """Move the staged files into ``out``: one rename if it does not exist, else file by file
     (each an atomic ``os.replace``), removing what the previous export listed and this one
-    does not make. Returns the file list (relative paths)."""
+    does not make. A file in ``out`` that no previous export wrote (the user's own ``app.py``,
+    ``README.md``) is never replaced without ``force``: :class:`ExportError` naming them, and
+    nothing is moved. Returns the file list (relative paths)."""
     files = sorted(str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file())
     if not out.exists():
         os.rename(stage, out)
         return files
-    old = out / MANIFEST
-    stale = set(json.loads(old.read_text()).get('files', [])) - set(files) if old.is_file() else set()
+    try:
+        previous = _previous_files(out)
+    except ExportError:
+        if not force:
+            raise
+        previous = set()  # --force: replace, but remove nothing we cannot vouch for
+    theirs = [rel for rel in files if rel not in previous and rel != MANIFEST and os.path.lexists(out / rel)]
+    if theirs and not force:
+        shown = ', '.join(theirs[:5]) + (f' and {len(theirs) - 5} more' if len(theirs) > 5 else '')
+        raise ExportError(f'{out}: would replace files that no earlier export wrote ({shown}); '
+                          f'move them away, export into another --out, or pass --force to replace them')
+    stale = previous - set(files)
     for rel in files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / rel, out / rel)
@@ -217,8 +243,8 @@ def _staging_dir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
-    except OSError as e:
-        raise ExportError(f'{out}: cannot write there ({e.strerror or e})') from None
+    except OSError as e:  # read-only, no permission, a file in the way, full
+        raise (DiskFullError(out, e) if is_disk_full(e) else NotWritableError(out, e, 'output folder')) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would hide the published folder
@@ -228,7 +254,8 @@ def _staging_dir(out: Path) -> Path:
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool = False,
            fp16: bool = False, space: bool = False, int8: bool = False,
            data_dir: str | os.PathLike = ROOT / 'data_beton', example_dirs=EXAMPLE_DIRS,
-           log: Callable[[str], None] = print, max_top1_drop: float = INT8_MAX_TOP1_DROP) -> dict:
+           log: Callable[[str], None] = print, max_top1_drop: float = INT8_MAX_TOP1_DROP,
+           force: bool = False) -> dict:
     """Do the export (see the module docstring); returns what ``export.json`` holds."""
     checkpoint, out = Path(checkpoint), Path(out)
     if int8 and fp16:
@@ -275,7 +302,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
         manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*')
                                     if p.is_file()] + [MANIFEST])
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
-        _publish(stage, out)
+        _publish(stage, out, force=force)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -35,6 +35,12 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:
+    from model.errors import UserError
+except ImportError:  # a torch-free Space folder ships the app without model/ (no one catches it there)
+    class UserError(Exception):
+        pass
+
 IMAGE_SIZE = 32
 MAX_PIXELS = 50_000_000  # refuse bigger images: 50 MP decodes to 150 MB of RGB already
 RESAMPLE = Image.Resampling.BICUBIC
@@ -44,7 +50,7 @@ __all__ = ['ImageError', 'IMAGE_SIZE', 'MAX_PIXELS', 'describe', 'load_rgb', 're
            'prepare_image', 'normalize']
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """The input is not a usable image; the message says which input and why, in one line."""
 
 

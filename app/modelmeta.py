@@ -11,6 +11,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+try:
+    from model.errors import UserError
+except ImportError:  # a torch-free Space folder ships the app without model/ (no one catches it there)
+    class UserError(Exception):
+        pass
+
 META_KEY = 'cifar100_ffcv_meta'  # the ONNX metadata_props key holding the JSON below
 META_FORMAT_VERSION = 1
 # What a checkpoint's top-level keys contribute (weights and resume state are not metadata).
@@ -19,7 +25,7 @@ CHECKPOINT_KEYS = ('model_config', 'class_names', 'coarse_names', 'fine_to_coars
                    'torch_version')
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """The model file (checkpoint or ONNX) is missing, unreadable, or not one of ours; the
     message names the file and the problem in one line."""
 

@@ -22,13 +22,14 @@ from typing import Callable
 import numpy as np
 
 from model.fileio import DiskFullError, is_disk_full  # export time only: never in a Space
+from model.errors import UserError
 
 INT8_MAX_TOP1_DROP = 0.01  # absolute top-1 (1 point); measured -0.06 points on cpu_small's model
 CALIBRATION_IMAGES = 512
 BATCH = 500
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError, ValueError):
     """One line for the user (``app.export`` turns it into an ``ExportError``)."""
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.errors import UserError
+
 from .constants import (ARCHIVE_DIR, CIFAR100_MD5, CIFAR100_URL, IMAGE_SHAPE, NUM_COARSE,
                         NUM_FINE)
 
@@ -29,7 +31,7 @@ MEMBERS = ('train', 'test', 'meta')
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]  # 3072 values per row
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with the user's input data or output folder; ``str()`` is one clear line."""
 
 

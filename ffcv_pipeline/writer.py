@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -26,9 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from model.fileio import atomic_write_text, is_disk_full
+from model.fileio import atomic_write_text, check_writable_dir, is_disk_full
 
-from .watchdog import WorkerFailed, WorkerWatchdog
+from .watchdog import NamedSharedMemory, WorkerFailed, WorkerWatchdog, remove_stale_segments
 from .archive import Cifar100, DatasetError, download, read_cifar100, source_md5
 from . import ffcv_import_error, ffcv_version
 from .constants import (ARCHIVE_NAME, ARRAY_NAMES, BETON_NAMES, CIFAR100_MD5, CIFAR100_URL,
@@ -78,7 +77,8 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
     # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable. Its worker
     # processes are recorded for the watchdog.
     ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)
-    ffcv.writer.Process = watchdog.process_class
+    ffcv.writer.Process = watchdog.process_class  # (its workers also die with this process)
+    ffcv.writer.shared_memory = NamedSharedMemory  # a killed run's segment: freed by the next
     writer = ffcv.writer.DatasetWriter(str(path), _ffcv_fields(), num_workers=num_workers)
     try:
         with watchdog:
@@ -196,11 +196,9 @@ def _write_arrays(path: Path, split) -> None:
 
 def _check_out_dir(out_dir: Path) -> None:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix='.write-test-'):
-            pass
-    except OSError as e:
-        raise DatasetError(f'{out_dir}: output folder is not writable ({e.strerror or e})') from None
+        check_writable_dir(out_dir)
+    except OSError as e:  # read-only, no permission, a file in the way, full
+        raise DatasetError(str(e)) from None
 
 
 def _manifest(data: Cifar100, betons: dict[str, Path] | None, arrays: dict[str, Path],
@@ -243,6 +241,7 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     _remove_temps(out_dir)  # left by killed runs
+    remove_stale_segments()  # their shared memory in /dev/shm, too
     no_ffcv = ffcv_import_error()
     if no_ffcv:
         log(f'notice: ffcv does not import here ({no_ffcv}): writing the numpy arrays only '

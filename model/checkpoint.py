@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write
+from .errors import UserError
 from .resnet import ARCHS, INPUT_SIZE, build_model
 
 FORMAT = 'cifar100-ffcv-checkpoint'
@@ -41,7 +42,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNS_DIR = 'runs'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """The file is missing, unreadable, or not one of our checkpoints; one clear line."""
 
 

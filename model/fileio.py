@@ -16,10 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .errors import UserError
+
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """Writing ``path`` failed because the disk (or quota) is full; ``str()`` is one line."""
 
     def __init__(self, path: str | os.PathLike, cause: OSError | None = None,
@@ -37,6 +39,40 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class NotWritableError(UserError, OSError):
+    """A folder cannot be written (read-only file system, no permission, a file where a folder
+    should be); ``str()`` is one line naming the folder and the cause."""
+
+    def __init__(self, folder: str | os.PathLike, cause: OSError, what: str = 'folder'):
+        self.folder, self.cause = Path(folder), cause
+        why = cause.strerror or str(cause)
+        if cause.errno in (errno.ENOTDIR, errno.EEXIST):  # which part of the path is a file
+            culprit = next((q for q in (self.folder, *self.folder.parents)
+                            if q.exists() and not q.is_dir()), None)
+            if culprit is not None:
+                why = f'{culprit} is a file, not a folder'
+        super().__init__(cause.errno or errno.EACCES, f'{self.folder}: {what} is not writable ({why})')
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def check_writable_dir(folder: str | os.PathLike, what: str = 'output folder') -> Path:
+    """Make ``folder`` (and its parents) and create and remove a file in it, before any work
+    starts; :class:`NotWritableError` (or :class:`DiskFullError`) in one line if that fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-test-')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(folder / '.write-test', e) from None
+        raise NotWritableError(folder, e, what) from None
+    return folder
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -70,7 +106,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     except OSError as e:
-        raise (DiskFullError(path, e) if is_disk_full(e) else e) from None
+        raise (DiskFullError(path, e) if is_disk_full(e) else NotWritableError(path.parent, e)) from None
     watched = None
     try:
         with os.fdopen(fd, 'wb') as f:

@@ -1,8 +1,12 @@
 """The one error wrapper of the thin command-line entry points in ``scripts/``.
 
 ``run(main)`` turns the errors a user can cause (bad input file, bad config, bad option, a full
-disk) into one clear ``error: ...`` line on stderr and exit code 2, and Ctrl-C into exit code
-130, instead of a traceback.
+disk, an unwritable folder) into one clear ``error: ...`` line on stderr and exit code 2, and
+Ctrl-C into exit code 130, instead of a traceback. What counts as the user's: the project's own
+errors (all subclasses of ``model.errors.UserError``) and the OS errors that name a path the
+user gave (no such file, permission denied, read-only file system, a file where a folder should
+be). Anything else -- a ``ValueError`` from numpy, a ``RuntimeError`` from torch -- is a bug and
+keeps its traceback (exit code 1), so it is not mistaken for a user error.
 
 The project's packages are installed by ``scripts/setup.sh`` (``pip install -e .``). A script
 always runs the code of the checkout it belongs to: where the packages are not installed (the
@@ -21,10 +25,22 @@ _spec = importlib.util.find_spec('training')
 if _spec is None or Path(_spec.origin).resolve().parents[1] != ROOT:
     sys.path.insert(0, str(ROOT))
 
-from model.fileio import DiskFullError  # noqa: E402
+import errno  # noqa: E402
 
-# Errors that mean "the user asked for something that can't be done", not a bug.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, DiskFullError)
+from model.errors import UserError  # noqa: E402
+
+# OS errors about a path the user gave (not, say, a broken pipe or a full pipe buffer inside).
+PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+               errno.EEXIST, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line for an error the user caused, or None for a bug."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None and e.errno in PATH_ERRNOS:
+        return f'{e.filename}: {e.strerror}'
+    return None
 
 
 def call(main, argv: list[str] | None = None) -> int:
@@ -32,8 +48,11 @@ def call(main, argv: list[str] | None = None) -> int:
     in-process; ``argv=None`` reads the command line)."""
     try:
         return main(argv) or 0
-    except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None:
+            raise  # a bug: its traceback
+        print(f'error: {line}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)

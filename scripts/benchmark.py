@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from _cli import ROOT, run
+from model.errors import UserError
 
 SHARED_ARCHIVE = ROOT.parent / 'shared' / 'data' / 'cifar-100-python.tar.gz'
 
@@ -37,12 +38,12 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=str(ROOT / 'bench_out'), help='folder for benchmark.json/.png')
     args = p.parse_args(argv)
 
-    from model.fileio import atomic_write_text
+    from model.fileio import atomic_write_text, check_writable_dir
     from training.benchmark import LOADERS, Settings, run_benchmark
     from training.benchmark_report import format_table, plot
     loaders = tuple(k.strip() for k in args.loaders.split(',') if k.strip())
     if not loaders or set(loaders) - set(LOADERS):
-        raise ValueError(f'--loaders: {args.loaders!r}; choose from {list(LOADERS)}')
+        raise UserError(f'--loaders: {args.loaders!r}; choose from {list(LOADERS)}')
     overrides = []
     if args.data_dir:
         from ffcv_pipeline.constants import BETON_NAMES
@@ -60,8 +61,7 @@ def main(argv=None) -> int:
         if 'torchvision' in s.loaders:  # its full epoch: no second numba compilation
             s.loaders = ('torchvision', *[k for k in s.loaders if k != 'torchvision'])
         s.epochs, s.per_class, s.model_batch, s.model_steps, s.epoch_per_class = 1, 4, 16, 2, 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable_dir(args.out)  # before minutes of measuring
     # written after every section: a time limit (the GPU runbook's) keeps what was measured
     res = run_benchmark(s, save=lambda r: atomic_write_text(out / 'benchmark.json', json.dumps(r, indent=2) + '\n'))
     plot(res, out / 'benchmark.png')

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from _cli import ROOT, run
+from model.errors import UserError
 
 SHARED_ARCHIVE = ROOT.parent / 'shared' / 'data' / 'cifar-100-python.tar.gz'
 # (name, unit, bar, 'min' | 'max'): a figure passes when >= bar (min) or <= bar (max)
@@ -47,7 +48,7 @@ def predictor_p50(data_dir: Path, tmp: Path, n: int) -> dict:
                                 fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD), ckpt)
     image = next(iter(sorted((data_dir / 'examples').glob('*.png'))), None)
     if image is None:
-        raise FileNotFoundError(f'{data_dir}/examples: no example images; run `make data` first')
+        raise UserError(f'{data_dir}/examples: no example images; run `make data` first')
 
     def cli(*args) -> str:
         r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument('--json', help='also write the figures here')
     args = p.parse_args(argv)
     if not (Path(args.data_dir) / 'cifar100_train.beton').is_file():
-        raise FileNotFoundError(f'{args.data_dir}/cifar100_train.beton: no such file; run `make data` first')
+        raise UserError(f'{args.data_dir}/cifar100_train.beton: no such file; run `make data` first')
     figures = measure(args)
     rows = verdicts(figures)
     width = [max(len(r[i]) for r in rows + [('figure', 'measured', 'bar', 'verdict')]) for i in range(4)]

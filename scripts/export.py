@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument('--int8', action='store_true',
                     help='model.onnx quantized to int8 (implies --onnx): ~3x faster on a CPU; calibrated '
                          'on training images, kept only if test top-1 drops by at most 1 point')
+    ap.add_argument('--force', action='store_true',
+                    help='replace files in --out that no earlier export wrote (default: refuse, naming them)')
     ap.add_argument('--data-dir', help="converted data for --int8 (cifar100_{train,test}.npy; "
                                        "default: the project's data_beton/)")
     return ap.parse_args(argv)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from app.export import export  # after parsing: --help stays instant
     export(args.checkpoint, args.out, onnx=args.onnx, fp16=args.fp16, space=args.space,
-           int8=args.int8, **({'data_dir': args.data_dir} if args.data_dir else {}))
+           int8=args.int8, force=args.force, **({'data_dir': args.data_dir} if args.data_dir else {}))
     return 0
 
 

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from _cli import run
+from model.errors import UserError
 
 from app.loadtest import default_images, run_load, serve_app
 from model.fileio import atomic_write_text
@@ -43,12 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.n < 1 or args.concurrency < 1:
-        raise ValueError('-n and --concurrency must be at least 1')
+        raise UserError('-n and --concurrency must be at least 1')
     with tempfile.TemporaryDirectory() as tmp:
         images = args.images or default_images(Path(tmp))
         for p in images:
             if not Path(p).is_file():
-                raise FileNotFoundError(f'{p}: no such image')
+                raise UserError(f'{p}: no such image')
         flags = () if args.compile is None else ('--compile',) if args.compile else ('--no-compile',)
         with (contextlib.nullcontext(args.url) if args.url
               else serve_app(args.checkpoint, args=flags)) as url:

@@ -21,6 +21,7 @@ import json
 import sys
 
 from _cli import run
+from model.errors import UserError
 
 from app.predictor import (BACKENDS, NO_CHECKPOINT_MESSAGE, ImageError, ModelFileError, Predictor,
                            format_seconds, latency, resolve_checkpoint)
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
         raise ModelFileError(NO_CHECKPOINT_MESSAGE)
     predictor = Predictor(path, backend=args.backend, compile_model=args.compile,
                           num_threads=args.threads)
+    if not 1 <= args.topk <= len(predictor.class_names):  # the user's option: one line
+        raise UserError(f'--topk must be between 1 and {len(predictor.class_names)}, got {args.topk}')
     if args.benchmark:
         result = latency(predictor, args.images[0], args.benchmark)
         print(json.dumps(result) if args.json else

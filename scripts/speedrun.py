@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from _cli import ROOT, run
+from model.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=str(ROOT / 'speedrun_out'), help='output folder (default: %(default)s)')
     args, rest = p.parse_known_args(argv)
     if args.runs < 1:
-        raise ValueError(f'--runs must be at least 1, got {args.runs}')
+        raise UserError(f'--runs must be at least 1, got {args.runs}')
 
     from training.config import parse_overrides
     from training.speedrun import Plan, format_table, parse_sweep, speedrun
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
                 runs=args.runs, seed=args.seed, budget_s=args.budget_s, out=Path(args.out).resolve())
     result = speedrun(plan)
     if not result['runs']:
-        raise ValueError('no run fitted in the budget')
+        raise UserError('no run fitted in the budget')
     print(format_table(result))
     print(f'wrote {plan.out / "speedrun.json"} and {plan.out / "speedrun.png"}')
     return 1 if any('failed' in r for r in result['runs']) else 0

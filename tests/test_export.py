@@ -149,8 +149,8 @@ def test_unwritable_out_is_one_line_and_writes_nothing(tmp_path, training_ckpt):
     ro = unwritable_folder(tmp_path)
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
-    cases = [(ro / 'space', f'error: {ro / "space"}: cannot write there'),
-             (a_file / 'space', f'error: {a_file / "space"}: cannot write there'),
+    cases = [(ro / 'space', f'error: {ro / "space"}: output folder is not writable'),
+             (a_file / 'space', f'error: {a_file / "space"}: output folder is not writable ({a_file} is a file'),
              (a_file, f'error: {a_file}: exists and is not a folder')]
     for out, msg in cases:
         code, stdout, err = run_main('export', training_ckpt, '--out', out, '--onnx')

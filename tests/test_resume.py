@@ -174,7 +174,7 @@ def test_second_ctrl_c_aborts_at_once(synthetic_betons, tmp_path):
     trainer.evaluate = evaluate_with_two_ctrl_c
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    assert sorted(p.name for p in run.iterdir()) == ['config.yaml']  # nothing half-written
+    assert sorted(p.name for p in run.iterdir()) == ['.lock', 'config.yaml']  # nothing half-written
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handlers are restored
 
 
@@ -263,7 +263,7 @@ def test_full_disk_during_a_checkpoint(small_disk, ref_run, synthetic_betons, tm
     assert code == 2 and len(lines_) == 1, err
     assert lines_[0].startswith(f'error: {run / "last.pt"}: the disk is full (No space left on device')
     assert 'resume with: python scripts/train.py --resume' in lines_[0]
-    assert not [p.name for p in run.iterdir() if p.name.startswith('.')]
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']  # (the run's lock stays)
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 1
     moved = tmp_path / 'moved'
     shutil.copytree(run, moved)
@@ -305,7 +305,7 @@ def test_full_disk_while_writing_metrics_summary_or_plot(synthetic_betons, tmp_p
     code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, run)))
     assert code == 2 and err.startswith(f'error: {run / victim}: the disk is full'), err
     assert len(err.strip().splitlines()) == 1
-    assert not [p.name for p in run.iterdir() if p.name.startswith('.')]
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']
     if victim != 'metrics.jsonl':  # epoch 2 finished: its checkpoint is complete
         assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
     else:  # the first epoch's line could not be written: no checkpoint claims otherwise

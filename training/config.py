@@ -16,12 +16,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.checkpoint import PROJECT_ROOT as ROOT, RUNS_DIR
+from model.errors import UserError
 from model.resnet import INPUT_SIZE
 
 CONFIG_DIR = ROOT / 'configs'
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; one clear line."""
 
 
@@ -217,3 +218,57 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(cfg)
+
+
+# ---- what a resumed run may change (``train.py --resume CKPT --section.key VALUE``) ----------
+# One place for the three lists; README "Stopping and resuming" documents them.
+RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
+    'model.arch': "the checkpoint's weights have another shape",
+    'model.width': "the checkpoint's weights have another shape",
+    'model.num_classes': "the checkpoint's weights have another shape",
+    'data.batch_size': 'the steps per epoch would change, and with them the meaning of the saved '
+                       'step counter, LR schedule position and mid-epoch position',
+    'data.train_per_class': 'the steps per epoch would change, and with them the meaning of the saved '
+                            'step counter, LR schedule position and mid-epoch position',
+    'output.dir': 'a resumed run continues in the folder of its checkpoint',
+    'output.name': 'a resumed run continues in the folder of its checkpoint',
+}
+RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
+    'output.progress', 'output.plot', 'output.save_every', 'data.num_workers',
+    'data.batches_ahead', 'data.os_cache', 'data.test_batch_size', 'training.target_top1',
+    'data.resident_test',  # the same test images and counts either way (tests/test_time_budget.py)
+)
+# Every other key -- the schedule (training.epochs, lr, warm-up), the data paths, augment.*, the
+# seed, the precision, and keys added later -- changes the run: accepted, with one line naming
+# the keys and saying that the result differs from an uninterrupted run.
+
+
+def _leaves(d: dict, prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def resume_config(base: dict, overrides: list[str] | None, log=print):
+    """The config of a run resumed from a checkpoint whose config is ``base``, with
+    ``overrides``: :class:`ConfigError` for a change that cannot work (:data:`RESUME_REFUSED`),
+    one logged line for changes that make it another run than the one it continues."""
+    old = _leaves(to_dict(load_config(None, None, base=base)))
+    cfg = load_config(None, overrides, base=base)
+    new = _leaves(to_dict(cfg))
+    changed = [k for k in new if old.get(k) != new[k]]
+    refused = [k for k in changed if k in RESUME_REFUSED]
+    if refused:
+        k = refused[0]
+        others = f' (also refused: {", ".join(refused[1:])})' if refused[1:] else ''
+        raise ConfigError(f'--resume cannot change {k} ({old.get(k)!r} -> {new[k]!r}): '
+                          f'{RESUME_REFUSED[k]}{others}; start a new run with --config instead')
+    noted = [k for k in changed if k not in RESUME_HARMLESS]
+    if noted:
+        log('note: resuming with changed ' + ', '.join(f'{k} ({old.get(k)!r} -> {new[k]!r})' for k in noted)
+            + ': the result will differ from an uninterrupted run')
+    return cfg

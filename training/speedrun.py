@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.fileio import atomic_write_text
+from model.fileio import atomic_write_text, check_writable_dir
 
 from ffcv_pipeline.data import read_manifest, resolve_path
 
@@ -80,7 +80,9 @@ def run_one(plan: Plan, recipe: list[str], seed: int, log=print) -> dict:
     t = time.perf_counter()
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     process_s = time.perf_counter() - t
-    run_dir = plan.out / 'runs' / name
+    # the folder the run really wrote: a name holding an earlier speedrun's results gets a suffix
+    written = re.findall(r'^done: .*; ([^;]+)/summary\.json$', r.stdout, re.M)
+    run_dir = Path(written[-1]) if written else plan.out / 'runs' / name
     summary_path = run_dir / 'summary.json'
     if r.returncode != 0 or not summary_path.is_file():
         err = (r.stderr.strip().splitlines() or ['no output'])[-1]
@@ -196,7 +198,7 @@ def speedrun(plan: Plan, log=print) -> dict:
               'target_top1': cfg.training.target_top1, 'environment': environment(plan),
               'conversion_s': manifest.get('write_seconds'),
               'budget_s': plan.budget_s, 'stopped_by_budget': False, 'runs': [], 'recipes': []}
-    plan.out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(plan.out / 'runs')  # before the first run, not after it
     t0 = time.perf_counter()
     todo = [(recipe, plan.seed + i) for i in range(plan.runs) for recipe in recipes]  # seeds interleaved
     for n, (recipe, seed) in enumerate(todo):

@@ -6,6 +6,13 @@ states, position in the schedule, the interrupted epoch's statistics).
     runs/<name>/metrics.jsonl    one JSON object per finished epoch (rewritten atomically)
     runs/<name>/last.pt          after every epoch; best.pt when test top-1 improved
     runs/<name>/interrupted.pt   after Ctrl-C / SIGTERM mid-epoch (removed at the next epoch end)
+    runs/<name>/.lock            flock'ed for the run's life: one writer per folder
+
+A folder has one owner at a time: :meth:`RunFolder.claim` takes an exclusive ``flock`` on its
+``.lock`` that the kernel drops when the process ends (also on ``kill -9``: a crashed run leaves
+nothing stuck), and a second run under the same name stops with one line. A new run never
+replaces an earlier run's results: where ``runs/<name>/`` holds them, it writes
+``runs/<name>-1/`` (then ``-2``, ...), as timm does.
 
 Every file goes through :func:`model.fileio.atomic_write`: a crash or a full disk never leaves
 a half-written file, and the previous checkpoint stays loadable. Checkpoints are written off the
@@ -17,6 +24,9 @@ end of a run, Ctrl-C, SIGTERM) for the last. A write's error (a full disk) is ra
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import itertools
 import json
 import os
 import random
@@ -31,7 +41,8 @@ import torch
 
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
 from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint
-from model.fileio import atomic_write, atomic_write_text
+from model.errors import UserError
+from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
@@ -141,6 +152,35 @@ def restore(path: str | os.PathLike, *, model, optimizer, scaler) -> Position:
                     partial=ckpt.get('partial'))
 
 
+LOCK_NAME = '.lock'
+RESULT_FILES = ('summary.json', 'metrics.jsonl', 'last.pt', 'best.pt', 'interrupted.pt')
+
+
+class RunFolderBusy(UserError):
+    """Another live process is writing the run folder; one line."""
+
+
+def has_results(path: Path) -> bool:
+    """Does ``path`` hold an earlier run's metrics, summary or checkpoints?"""
+    return any((path / n).exists() for n in RESULT_FILES) or any(path.glob('epoch_*.pt'))
+
+
+def _try_lock(path: Path) -> tuple[int | None, str]:
+    """(fd holding an exclusive flock on ``path/.lock``, '') or (None, what the holder wrote)."""
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock here (some NFS): unguarded
+            return fd, ''
+        owner = os.read(fd, 200).decode(errors='replace').strip()
+        os.close(fd)
+        return None, owner
+    os.ftruncate(fd, 0)
+    os.write(fd, f'pid {os.getpid()} on {os.uname().nodename}\n'.encode())
+    return fd, ''
+
+
 class RunFolder:
     """``runs/<name>/``: only the main process writes (``is_main``); the others keep the path."""
 
@@ -151,6 +191,42 @@ class RunFolder:
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self.snapshot = Snapshot()
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def claim(cls, path: Path, *, is_main: bool = True, resume: bool = False, log=print) -> 'RunFolder':
+        """The folder this run writes, locked for its life (see the module docstring): ``path``
+        itself when resuming or when it holds no earlier results, else ``path-1``, ``path-2``,
+        ... Raises :class:`RunFolderBusy` if a live run holds ``path``, and
+        :class:`~model.fileio.NotWritableError` if it cannot be written."""
+        path = Path(path)
+        if not is_main:
+            return cls(path, is_main=False)
+        for i in itertools.count():
+            cand = path if i == 0 else path.with_name(f'{path.name}-{i}')
+            check_writable_dir(cand, 'run folder')
+            fd, owner = _try_lock(cand)
+            if fd is None:
+                if i == 0 or resume:
+                    raise RunFolderBusy(f'{cand}: another run is writing this folder ({owner or "pid unknown"}); '
+                                        f'wait for it to end, or give this run another --output.name')
+                continue
+            if resume or not has_results(cand):
+                break
+            os.close(fd)  # an earlier run's results: never replaced without being asked
+        if cand != path:
+            ckpt = next((path / n for n in ('interrupted.pt', 'last.pt') if (path / n).is_file()), None)
+            log(f'note: {path} holds an earlier run\'s results; this run writes {cand} (to reuse the '
+                f'name, delete that folder' + (f'; to continue that run: --resume {ckpt})' if ckpt else ')'))
+        folder = cls(cand)
+        folder._lock_fd = fd
+        return folder
+
+    def close(self) -> None:
+        """Release the lock (the kernel also does when the process ends)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def start(self, cfg, *, resumed_epochs: int | None) -> None:
         """Write the resolved config; keep the metrics of the ``resumed_epochs`` epochs a
@@ -159,7 +235,7 @@ class RunFolder:
             return
         atomic_write_text(self.path / 'config.yaml', to_yaml(cfg))  # makes the folder
         if resumed_epochs is None:
-            self.metrics_path.unlink(missing_ok=True)  # a reused output.name starts over
+            self.records = []  # claim() gave a folder without earlier results
         else:
             self.records = [r for r in read_jsonl(self.metrics_path) if r.get('epoch', 0) <= resumed_epochs]
             self._write_metrics()

@@ -30,7 +30,7 @@ from model.fileio import DiskFullError
 
 from . import distributed as D
 from .budget import TimeBudget, format_budget
-from .config import ROOT, ConfigError, load_config
+from .config import ROOT, ConfigError, load_config, resume_config
 from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
 from .metrics import EpochStats, plot_curves, summarize, write_json
@@ -64,6 +64,11 @@ class Trainer:
     def setup(self) -> None:
         from ffcv_pipeline.data import build_data
         cfg, tc, b = self.cfg, self.cfg.training, self.budget
+        with b.span('model_build'):  # first: an unwritable or busy run folder stops before anything is built
+            name = cfg.output.name or f'{self.config_name}-{_dt.datetime.now():%Y%m%d-%H%M%S}'
+            path = Path(self.resume).resolve().parent if self.resume else ROOT / cfg.output.dir / name
+            self.run_dir = RunFolder.claim(path, is_main=self.info.is_main, resume=bool(self.resume),
+                                           log=self.log)
         with b.span('device_init'):
             self.device = resolve_device(tc.device, self.info)
             D.init(self.info, self.device)
@@ -105,11 +110,16 @@ class Trainer:
         if self.resume:
             self.start = restore(self.resume, model=self.model, optimizer=optimizer,
                                  scaler=self.train_step.scaler)
+            # the saved step counter and mid-epoch position assume the old steps per epoch
+            # (a changed data set, batch size or number of processes would break them)
+            if self.start.step != self.start.epoch * len(self.data.train) + self.start.batch:
+                raise ConfigError(
+                    f'{self.resume}: saved at step {self.start.step} = epoch {self.start.epoch} x '
+                    f'steps/epoch + batch {self.start.batch}, but this data, batch size and number of '
+                    f'processes give {len(self.data.train)} steps per epoch; resume with the original '
+                    f'data and batch size')
         self.step, self.best_top1 = self.start.step, self.start.best_top1
         self.stop = StopRequest()
-        name = cfg.output.name or f'{self.config_name}-{_dt.datetime.now():%Y%m%d-%H%M%S}'
-        path = Path(self.resume).resolve().parent if self.resume else ROOT / cfg.output.dir / name
-        self.run_dir = RunFolder(path, is_main=self.info.is_main)
         self.run_dir.start(cfg, resumed_epochs=self.start.epoch if self.resume else None)
 
     def warmup_jit(self) -> float:
@@ -129,6 +139,7 @@ class Trainer:
         finally:  # a checkpoint in flight is complete on disk before the run ends, however
             if hasattr(self, 'run_dir'):  # it ends (Ctrl-C, SIGTERM, an error)
                 self._wait_for_checkpoint()
+                self.run_dir.close()  # the folder's lock
             if hasattr(self, 'data'):  # the torchvision loader's worker processes end now
                 self.data.close()
 
@@ -323,11 +334,20 @@ class Trainer:
     def _check_progress(self, stats: EpochStats, epoch: int, b: int, bar, seconds: float) -> None:
         """Every few steps: stop on a NaN/inf loss; update the progress bar."""
         check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {self.step})',
-                     hint=f'the last good checkpoint is kept in {self.run_dir.path} '
-                          f'(try a lower --training.lr than {self.cfg.training.lr})')
+                     hint=lambda: self._diverged_hint(epoch))
         if not bar.disable:
             bar.set_postfix(img_s=f'{stats.seen / (seconds + stats.seconds):.0f}',
                             loss=f'{(stats.loss_sum / stats.seen).item():.3f}')
+
+    def _diverged_hint(self, epoch: int) -> str:
+        """What is really on disk: the last good checkpoint, or that there is none yet."""
+        lower = f'--training.lr lower than {self.cfg.training.lr}'
+        last = self.run_dir.path / 'last.pt'
+        if not last.is_file():
+            return (f'no checkpoint was written ({self.run_dir.path} has none: the loss diverged before '
+                    f'the first epoch ended); start again with a {lower}')
+        return (f'the last good checkpoint is {last} (after epoch {epoch}); resume from it with '
+                f'a {lower}: python scripts/train.py --resume {last} --training.lr LR')
 
     def _progress_bar(self, epoch: int):
         import sys
@@ -360,7 +380,7 @@ def train(config: str | None, overrides: list[str] | None = None, resume: str | 
           log=print) -> dict:
     """Load the config (or the resumed checkpoint's) and run; returns the summary (rank 0)."""
     if resume:
-        cfg = load_config(None, overrides, base=load_checkpoint(resume)['config'])
+        cfg = resume_config(load_checkpoint(resume)['config'], overrides, log=log)
         name = Path(resume).resolve().parent.name
     else:
         cfg = load_config(config, overrides)
