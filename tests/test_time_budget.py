@@ -116,7 +116,7 @@ def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(synthetic_betons
     run = tmp_path / 'run'
     train('tiny_cpu', tv(synthetic_betons, run), log=lambda *_: None)
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
-    assert not [p.name for p in run.iterdir() if p.name.startswith('.')]
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']
 
 
 def test_the_snapshot_is_a_copy_of_the_live_state(synthetic_betons, tmp_path):
@@ -166,9 +166,11 @@ def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 1
+    assert [p for p in run.glob('.last.pt.*.tmp')]  # the killed write's temporary file
     from training.trainer import train
     train(None, ['output.progress=off'], resume=str(run / 'last.pt'), log=lambda *_: None)
     assert same_weights(ref_run_tv / 'last.pt', run / 'last.pt')
+    assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']  # cleaned up
 
 
 @pytest.fixture(scope='module')

@@ -90,7 +90,7 @@ def test_time_to_target_and_the_wall_clock_plot(tmp_path):
     import matplotlib.image
     plot_curves(rec, tmp_path / 'c.png', title='t', target=0.73)
     img = matplotlib.image.imread(tmp_path / 'c.png')
-    assert img.shape[1] == 2000 and img.shape[0] == 400  # 4 panels of 5 x 4 inches at 100 dpi
+    assert img.shape[1] == 2500 and img.shape[0] == 400  # 5 panels (the last: the time budget) of 5 x 4 inches at 100 dpi
 
 
 @pytest.mark.parametrize('args, expected', [

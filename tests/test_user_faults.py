@@ -257,7 +257,7 @@ def test_killed_converter_leaves_no_workers_and_the_next_run_cleans_up(tmp_path,
     an OOM kill or `kill -9 -PGID` does): its ffcv workers exit within seconds, and the next
     run frees the shared-memory segment left in /dev/shm. Today the workers ran on (for minutes,
     ~700 MB each) and the segment stayed."""
-    archive = build_archive(tmp_path / 'big.tar.gz', train=make_split(100, seed=3), test=make_split(1, seed=4))
+    archive = build_archive(tmp_path / 'big.tar.gz', train=make_split(300, seed=3), test=make_split(1, seed=4))
     before = _shm()
     p = subprocess.Popen([PY, 'scripts/write_datasets.py', '--source', archive, '--out', tmp_path / 'out',
                           '--quiet', '--workers', '2'], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -267,8 +267,11 @@ def test_killed_converter_leaves_no_workers_and_the_next_run_cleans_up(tmp_path,
         assert kids, 'the converter never started its workers'
         time.sleep(0.2)
         for k in kids:  # the resource tracker too: else it might free the segment itself
-            if b'resource_tracker' in Path(f'/proc/{k}/cmdline').read_bytes():
-                os.kill(k, signal.SIGKILL)
+            try:
+                if b'resource_tracker' in Path(f'/proc/{k}/cmdline').read_bytes():
+                    os.kill(k, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):  # a worker that had finished its share
+                pass
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         left = wait_until(lambda: not alive(kids), 10) or alive(kids)
@@ -294,8 +297,8 @@ def test_killed_trainer_leaves_no_loader_workers(synthetic_betons, tmp_path):
     kids = []
     try:
         assert wait_until(lambda: (run / 'metrics.jsonl').is_file(), 120), 'no epoch finished'
-        kids = wait_until(lambda: (k := children(p.pid)) and len(k) >= 4 and k, 10)
-        assert kids, children(p.pid)  # the train and test loaders' workers (persistent)
+        kids = wait_until(lambda: (k := children(p.pid)) and len(k) >= 2 and k, 10)
+        assert kids, children(p.pid)  # the train loader's workers (persistent; the test split is resident)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         left = wait_until(lambda: not alive(kids), 10) or alive(kids)
@@ -306,14 +309,14 @@ def test_killed_trainer_leaves_no_loader_workers(synthetic_betons, tmp_path):
         if p.poll() is None:
             p.kill()
 
-    def lock_free():  # the workers inherited the lock's file: free once the last one ends
-        with open(run / '.lock') as f:
+    def lock_free():  # a POSIX lock: the killed trainer's, not shared with its workers
+        with open(run / '.lock', 'r+') as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
-            except BlockingIOError:
+            except OSError:
                 return False
-    assert wait_until(lock_free, 5, step=0.2), 'the run folder is still locked'
+    assert lock_free(), 'the run folder is still locked after its trainer was killed'
 
 
 # ---- 5. export over a user's files -------------------------------------------------------------------

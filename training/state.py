@@ -6,9 +6,11 @@ states, position in the schedule, the interrupted epoch's statistics).
     runs/<name>/metrics.jsonl    one JSON object per finished epoch (rewritten atomically)
     runs/<name>/last.pt          after every epoch; best.pt when test top-1 improved
     runs/<name>/interrupted.pt   after Ctrl-C / SIGTERM mid-epoch (removed at the next epoch end)
-    runs/<name>/.lock            flock'ed for the run's life: one writer per folder
+    runs/<name>/.lock            locked for the run's life: one writer per folder
 
-A folder has one owner at a time: :meth:`RunFolder.claim` takes an exclusive ``flock`` on its
+A folder has one owner at a time: :meth:`RunFolder.claim` takes an exclusive POSIX lock
+(``lockf``: held by this process only, not by the loader workers it forks, which may outlive a
+``kill -9`` by seconds) on its
 ``.lock`` that the kernel drops when the process ends (also on ``kill -9``: a crashed run leaves
 nothing stuck), and a second run under the same name stops with one line. A new run never
 replaces an earlier run's results: where ``runs/<name>/`` holds them, it writes
@@ -166,12 +168,12 @@ def has_results(path: Path) -> bool:
 
 
 def _try_lock(path: Path) -> tuple[int | None, str]:
-    """(fd holding an exclusive flock on ``path/.lock``, '') or (None, what the holder wrote)."""
+    """(fd holding an exclusive lock on ``path/.lock``, '') or (None, what the holder wrote)."""
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock here (some NFS): unguarded
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no locks here: unguarded
             return fd, ''
         owner = os.read(fd, 200).decode(errors='replace').strip()
         os.close(fd)
@@ -234,6 +236,10 @@ class RunFolder:
         if not self.is_main:
             return
         atomic_write_text(self.path / 'config.yaml', to_yaml(cfg))  # makes the folder
+        # a run killed mid-write (kill -9, the OOM killer) leaves its temporary checkpoint (up to
+        # 90 MB); this process holds the folder's lock, so no live writer owns them
+        for stale in [*self.path.glob('.*.tmp'), *self.path.glob('.*.link-*')]:
+            stale.unlink(missing_ok=True)
         if resumed_epochs is None:
             self.records = []  # claim() gave a folder without earlier results
         else:
