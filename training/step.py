@@ -36,10 +36,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, tcfg) -> torch.optim.Optimizer:
-    """SGD (+ Nesterov) over :func:`param_groups`; the LR is set per step by :class:`TrainStep`."""
+def make_optimizer(model: torch.nn.Module, tcfg, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """SGD (+ Nesterov) over :func:`param_groups`; the LR is set per step by :class:`TrainStep`.
+    ``training.fused_sgd``: torch's fused kernel (one launch updates every parameter; CUDA and
+    the CPU have it), else the foreach implementation (a few launches per parameter group)."""
+    fused = bool(getattr(tcfg, 'fused_sgd', False) or getattr(tcfg, 'cuda_graph', False))
     return torch.optim.SGD(param_groups(model, tcfg.weight_decay), lr=0.0, momentum=tcfg.momentum,
-                           nesterov=tcfg.nesterov and tcfg.momentum > 0)
+                           nesterov=tcfg.nesterov and tcfg.momentum > 0,
+                           **({'fused': True} if fused else {'foreach': True}))
 
 
 class TrainStep:
@@ -47,28 +51,99 @@ class TrainStep:
 
     ``GradScaler(enabled=dtype == float16)``: loss scaling only where fp16 needs it, so bf16
     and fp32 run the same lines with the scaler a no-op.
+
+    The LR is a Python float from the precomputed schedule: the kernels take it as an argument,
+    so setting it costs no host-device synchronization and no copy. ``cuda_graph``: the whole
+    step is captured once in a CUDA graph and replayed for every batch of the captured shape
+    (the trainer's training batches all have it: ``drop_last``); the LR then lives in a device
+    tensor that the fused SGD kernel reads (``lr_t.fill_(lr)`` per step: a launch, no sync).
     """
 
     def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, dtype: torch.dtype, label_smoothing: float = 0.0,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, cuda_graph: bool = False):
         self.net, self.optimizer = net, optimizer
         self.device, self.dtype = device, dtype
         self.label_smoothing, self.grad_clip = label_smoothing, grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        if cuda_graph:
+            check_cuda_graph(device, dtype, optimizer, net)
+        self.cuda_graph, self.graph = cuda_graph, None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step at learning rate ``lr``; returns (loss, logits), detached, not synchronized."""
+        if self.cuda_graph:
+            return self._graphed(x, y, float(lr))
         for g in self.optimizer.param_groups:
             g['lr'] = float(lr)  # a numpy scalar would not load with weights_only
-        with autocast(self.device, self.dtype):
+        loss, logits = self._step(x, y)
+        return loss.detach(), logits.detach()
+
+    def _step(self, x, y, cache_enabled: bool = True):
+        with autocast(self.device, self.dtype, cache_enabled=cache_enabled):
             logits = self.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cuda_graph)  # graphs: grads stay static
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss.detach(), logits.detach()
+        return loss, logits
+
+    # ---- CUDA graph (training.cuda_graph) --------------------------------------------------------
+    def _graphed(self, x, y, lr: float):
+        if self.graph is None:
+            self._capture(x, y)
+        if x.shape != self.static_x.shape:  # cannot happen with drop_last; stay correct anyway
+            self.lr_t.fill_(lr)
+            loss, logits = self._step(x, y)
+            return loss.detach(), logits.detach()
+        self.static_x.copy_(x, non_blocking=True)
+        self.static_y.copy_(y, non_blocking=True)
+        self.lr_t.fill_(lr)
+        self.graph.replay()
+        return self.static_loss.clone(), self.static_logits.clone()  # the next replay overwrites them
+
+    def _capture(self, x, y):
+        """Warm up on a side stream (cuDNN autotuning, momentum buffers), put every weight,
+        buffer and momentum back as it was -- the warm-up steps must not count as training --
+        then capture forward, backward and the optimizer step into one graph."""
+        self.lr_t = torch.zeros((), device=self.device)
+        for g in self.optimizer.param_groups:
+            g['lr'] = self.lr_t  # fused SGD reads a tensor LR on the device
+        model_state = {k: v.clone() for k, v in self.net.state_dict().items()}
+        had_momentum = [p for g in self.optimizer.param_groups for p in g['params']
+                        if self.optimizer.state.get(p, {}).get('momentum_buffer') is not None]
+        momentum = {p: self.optimizer.state[p]['momentum_buffer'].clone() for p in had_momentum}
+        self.static_x, self.static_y = x.clone(), y.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # lr 0: the weights stay put; BatchNorm and momentum do not
+                self._step(self.static_x, self.static_y, cache_enabled=False)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():
+            for k, v in self.net.state_dict().items():
+                v.copy_(model_state[k])
+            for g in self.optimizer.param_groups:
+                for p in g['params']:
+                    buf = self.optimizer.state[p].get('momentum_buffer')
+                    if buf is not None:  # a fresh buffer of zeros makes the first step v = grad, as before
+                        buf.copy_(momentum[p]) if p in momentum else buf.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss, self.static_logits = self._step(self.static_x, self.static_y,
+                                                              cache_enabled=False)
+
+
+def check_cuda_graph(device: torch.device, dtype: torch.dtype, optimizer, net) -> None:
+    """One line saying why ``training.cuda_graph`` cannot run here, or nothing."""
+    from .config import ConfigError
+    why = (f'needs a CUDA device (this run is on {device.type})' if device.type != 'cuda' else
+           'needs bf16 or fp32 (fp16 loss scaling syncs with the host)' if dtype == torch.float16 else
+           'runs on one process (DDP is not captured)' if isinstance(net, torch.nn.parallel.DistributedDataParallel) else
+           'needs the fused SGD' if not optimizer.defaults.get('fused') else None)
+    if why:
+        raise ConfigError(f'training.cuda_graph: {why}; set training.cuda_graph=false')

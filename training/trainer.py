@@ -37,6 +37,8 @@ from .runtime import (accum_dtype, autocast, configure_backends, device_name, dt
                       workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
 from .step import TrainStep, lr_schedule, make_optimizer
+from .ema import EMA
+from .tta import tta_logits
 
 __all__ = ['Trainer', 'train', 'TrainingDiverged', 'TrainingInterrupted']
 
@@ -76,22 +78,25 @@ class Trainer:
                                  channels_last=channels_last).to(self.device)
         self.layout = 'channels-last' if channels_last else 'NCHW'
         self.n_params = count_parameters(self.model)
-        optimizer = make_optimizer(self.model, tc)
+        optimizer = make_optimizer(self.model, tc, self.device)
+        self.ema = EMA(self.model, tc.ema, every=tc.ema_every) if tc.ema else None  # evaluated, exported
         self.lrs = lr_schedule(lr=tc.lr, epochs=tc.epochs, iters_per_epoch=len(self.data.train),
                                warmup_epochs=tc.warmup_epochs, kind=tc.lr_schedule)
         # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
         # evaluating through it would need the same number of batches on every rank.
-        self.eval_net = torch.compile(self.model) if tc.compile else self.model
+        self.eval_net = torch.compile(self.model, mode=tc.compile_mode) if tc.compile else self.model
+        self.ema_net = self.ema and (torch.compile(self.ema.module, mode=tc.compile_mode) if tc.compile else self.ema.module)
         net = self.eval_net
         if self.info.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
         self.train_step = TrainStep(net, optimizer, device=self.device, dtype=self.dtype,
-                                    label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip)
+                                    label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip,
+                                    cuda_graph=tc.cuda_graph)
         self.start = Position()
         if self.resume:
             self.start = restore(self.resume, model=self.model, optimizer=optimizer,
-                                 scaler=self.train_step.scaler)
+                                 scaler=self.train_step.scaler, ema=self.ema)
         self.step, self.best_top1 = self.start.step, self.start.best_top1
         self.stop = StopRequest()
         name = cfg.output.name or f'{self.config_name}-{_dt.datetime.now():%Y%m%d-%H%M%S}'
@@ -143,6 +148,8 @@ class Trainer:
             for b, (x, y) in self.batches(epoch, stats):
                 loss, logits = self.train_step(x, y, self.lrs[self.step])
                 self.step += 1
+                if self.ema:
+                    self.ema.update(self.model, self.step)
                 stats.add(loss, logits, y)
                 bar.update(1)
                 if (b + 1) % CHECK_EVERY == 0 or b + 1 == len(self.data.train):
@@ -174,18 +181,16 @@ class Trainer:
             yield b, batch
 
     @torch.no_grad()  # not inference_mode: FFCV allocates its buffers here and writes them from
-    def evaluate(self) -> tuple[float, float, float, int]:
-        """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured.
+    def evaluate(self, raw: bool = False) -> tuple[float, float, float, int]:
+        """(top-1, top-5, seconds, images) on the test set (all ranks) of the EMA model when on (``raw``: the trained one), with the configured TTA views.
         (its thread, where an inference tensor may not be written in place)"""
         t0 = time.perf_counter()
-        D.broadcast_buffers(self.model)  # BatchNorm statistics: rank 0's, as DDP trains with
-        net = self.eval_net.eval()
+        D.broadcast_buffers(self.model if raw or not self.ema else self.ema.module)  # BatchNorm statistics: rank 0's, as DDP trains with
+        net = (self.eval_net if raw or not self.ema else self.ema_net).eval()  # the EMA when on, unless raw
         sums = torch.zeros(3, device=self.device, dtype=accum_dtype(self.device))  # top1, top5, count
         for x, y in self.data.test.epoch(0):
             with autocast(self.device, self.dtype):
-                logits = net(x).float()
-                if self.cfg.training.tta:
-                    logits = logits + net(torch.flip(x, dims=[3])).float()
+                logits = tta_logits(net, x, flip=self.cfg.training.tta, translate=self.cfg.training.tta_translate)
             top5 = logits.topk(5, dim=1).indices
             sums[0] += (top5[:, 0] == y).sum()
             sums[1] += (top5 == y[:, None]).any(1).sum()
@@ -212,6 +217,8 @@ class Trainer:
             'train_images': tot['seen'], 'test_images': n_test,
             'wallclock_s': round(self._elapsed(), 3),
         }
+        if self.ema and last:  # did the average pay? (after the clock reading: not on the time to target)
+            record['test_top1_raw'] = self.evaluate(raw=True)[0]
         improved = top1 is not None and top1 > self.best_top1
         self.best_top1 = max(self.best_top1, top1 or 0.0)
         if not self.info.is_main:
@@ -270,7 +277,7 @@ class Trainer:
         return training_checkpoint(self.model, self.cfg, class_names=self.data.class_names,
                                    coarse_names=self.data.coarse_names, pos=pos, metrics=metrics,
                                    n_params=self.n_params, optimizer=self.train_step.optimizer,
-                                   scaler=self.train_step.scaler)
+                                   scaler=self.train_step.scaler, ema=self.ema)
 
     def _save_interrupted(self, epoch: int, stats: EpochStats, seconds: float):
         sync(self.device)
