@@ -251,6 +251,46 @@ def test_fused_sgd_matches_the_foreach_and_plain_loops():
     assert isinstance(torch.load(buf, weights_only=True)['param_groups'][0]['lr'], float)
 
 
+def test_cuda_graph_warm_up_is_undone_and_the_tensor_lr_trains_like_the_float_one():
+    """What the CUDA-graph path does besides capturing, run on the CPU: the fused SGD with the
+    LR in a tensor (``lr_t.fill_(lr)`` per step) and gradients kept allocated (zeroed, not set
+    to None) trains exactly as the eager float-LR step; three warm-up steps at LR 0 followed by
+    ``_restore`` leave weights, BatchNorm statistics and momentum as if they never ran (the
+    first real step then matches a fresh model's, bit for bit). Catches warm-up steps that leak
+    into training (BatchNorm statistics, momentum) and a tensor LR that is not read."""
+    from model import build_model
+    from training.config import load_config
+    from training.step import TrainStep, make_optimizer
+    tc = load_config('tiny_cpu', ['training.fused_sgd=true']).training
+    cpu = torch.device('cpu')
+
+    def fresh():
+        torch.manual_seed(0)
+        m = build_model('resnet18', num_classes=10, width=8)
+        return m, TrainStep(m, make_optimizer(m, tc, cpu), device=cpu, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    ref_model, ref = fresh()
+    ref_losses = [ref(x, y, 0.1)[0] for x, y in batches]
+    model, step = fresh()
+    step.cuda_graph = True  # static gradients, as under capture (the capture itself needs CUDA)
+    step.lr_t = torch.zeros(())
+    for grp in step.optimizer.param_groups:
+        grp['lr'] = step.lr_t
+    saved = step._snapshot()
+    for _ in range(3):
+        step._step(*batches[0])
+    assert not torch.equal(model.state_dict()['stem.1.running_mean'], saved[0]['stem.1.running_mean'])
+    step._restore(saved)
+    losses = []
+    for x, y in batches:
+        step.lr_t.fill_(0.1)
+        losses.append(step._step(x, y)[0].detach())
+    assert torch.equal(torch.stack(losses), torch.stack(ref_losses))
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_cuda_graph_is_refused_on_the_cpu_with_one_line(synthetic_betons, tmp_path):
     """No CUDA here: ``training.cuda_graph`` stops with one line (exit 2) naming the key and the
     way out, before any training; combined with ``training.compile`` the config refuses it."""

@@ -113,10 +113,7 @@ class TrainStep:
         self.lr_t = torch.zeros((), device=self.device)
         for g in self.optimizer.param_groups:
             g['lr'] = self.lr_t  # fused SGD reads a tensor LR on the device
-        model_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-        had_momentum = [p for g in self.optimizer.param_groups for p in g['params']
-                        if self.optimizer.state.get(p, {}).get('momentum_buffer') is not None]
-        momentum = {p: self.optimizer.state[p]['momentum_buffer'].clone() for p in had_momentum}
+        saved = self._snapshot()
         self.static_x, self.static_y = x.clone(), y.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -124,18 +121,31 @@ class TrainStep:
             for _ in range(3):  # lr 0: the weights stay put; BatchNorm and momentum do not
                 self._step(self.static_x, self.static_y, cache_enabled=False)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.no_grad():
-            for k, v in self.net.state_dict().items():
-                v.copy_(model_state[k])
-            for g in self.optimizer.param_groups:
-                for p in g['params']:
-                    buf = self.optimizer.state[p].get('momentum_buffer')
-                    if buf is not None:  # a fresh buffer of zeros makes the first step v = grad, as before
-                        buf.copy_(momentum[p]) if p in momentum else buf.zero_()
+        self._restore(saved)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss, self.static_logits = self._step(self.static_x, self.static_y,
                                                               cache_enabled=False)
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        """Copies of the weights, buffers and existing momentum buffers (before warm-up steps)."""
+        model = {k: v.clone() for k, v in self.net.state_dict().items()}
+        momentum = {p: st['momentum_buffer'].clone() for p, st in self.optimizer.state.items()
+                    if st.get('momentum_buffer') is not None}
+        return model, momentum
+
+    @torch.no_grad()
+    def _restore(self, saved: tuple[dict, dict]) -> None:
+        """Undo warm-up steps in place (the captured graph keeps these very tensors): weights and
+        BatchNorm statistics back; momentum buffers back, or zero where there were none -- with
+        zero momentum the next step is v = grad, exactly SGD's first step."""
+        model, momentum = saved
+        for k, v in self.net.state_dict().items():
+            v.copy_(model[k])
+        for p, st in self.optimizer.state.items():
+            buf = st.get('momentum_buffer')
+            if buf is not None:
+                buf.copy_(momentum[p]) if p in momentum else buf.zero_()
 
 
 def check_cuda_graph(device: torch.device, dtype: torch.dtype, optimizer, net) -> None:
