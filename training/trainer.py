@@ -182,7 +182,8 @@ class Trainer:
 
     @torch.no_grad()  # not inference_mode: FFCV allocates its buffers here and writes them from
     def evaluate(self, raw: bool = False) -> tuple[float, float, float, int]:
-        """(top-1, top-5, seconds, images) on the test set (all ranks) of the EMA model when on (``raw``: the trained one), with the configured TTA views.
+        """(top-1, top-5, seconds, images) on the test set (all ranks), with the configured TTA
+        views, of the EMA model when ``training.ema`` is on (``raw``: of the trained model).
         (its thread, where an inference tensor may not be written in place)"""
         t0 = time.perf_counter()
         D.broadcast_buffers(self.model if raw or not self.ema else self.ema.module)  # BatchNorm statistics: rank 0's, as DDP trains with
