@@ -25,7 +25,14 @@ from .constants import CIFAR100_MEAN, CIFAR100_STD
 
 
 class Normalize(torch.nn.Module):
-    """uint8 NCHW (any memory format) -> ``dtype``, ``(x - mean) / std``; keeps the layout."""
+    """uint8 NCHW (any memory format) -> ``dtype``, ``(x - mean) * (1 / std)``; keeps the layout.
+
+    The arithmetic runs in float32 whatever ``dtype`` is, then the result is rounded once to
+    ``dtype``: in bf16 the mean itself would round (to 129 / 124 / 112.5) and the values would
+    be off by up to ~0.012 from the float32 ones. So a bf16 batch is exactly the float32
+    normalization rounded to bf16 -- what autocast makes of the float32 values the app feeds
+    the exported model (``app.images.normalize`` runs the same float32 operations).
+    """
 
     def __init__(self, mean=CIFAR100_MEAN, std=CIFAR100_STD, dtype=torch.float16):
         super().__init__()
@@ -35,14 +42,14 @@ class Normalize(torch.nn.Module):
         self._cache: dict = {}
 
     def _consts(self, device):
-        key = (device, self.dtype)
-        if key not in self._cache:  # once per device, not per batch
-            self._cache[key] = (self.mean.to(device, self.dtype), self.inv_std.to(device, self.dtype))
-        return self._cache[key]
+        if device not in self._cache:  # once per device, not per batch; float32 on purpose
+            self._cache[device] = (self.mean.to(device), self.inv_std.to(device))
+        return self._cache[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self._consts(x.device)
-        return x.to(self.dtype).sub_(mean).mul_(inv_std)
+        x = x.to(torch.float32, copy=True).sub_(mean).mul_(inv_std)  # never the caller's tensor
+        return x if self.dtype == torch.float32 else x.to(self.dtype)
 
 
 def normalization_table(mean=CIFAR100_MEAN, std=CIFAR100_STD) -> np.ndarray:

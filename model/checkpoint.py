@@ -16,6 +16,9 @@ A checkpoint is a dict saved with ``torch.save``::
     created           ISO time;  torch_version
     -- for resuming (absent from inference-only exports) --
     optimizer, scaler, rng {'python', 'numpy', 'torch', 'cuda'}, best_top1
+    raw_model, ema    only with weight averaging (training.ema): then 'model' holds the averaged
+                      weights (evaluated, exported), 'raw_model' the trained ones, 'ema' the
+                      EMA's {'decay', 'every', 'updates'}
     -- only in inference-only exports (``slim_checkpoint``, ``scripts/export.py``) --
     inference_only    True;  weights_dtype: 'float32' or 'float16'
 
@@ -36,6 +39,7 @@ FORMAT = 'cifar100-ffcv-checkpoint'
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
 RESUME_KEYS = ('optimizer', 'scaler', 'rng', 'best_top1')  # training state, not inference
+EMA_KEYS = ('raw_model', 'ema')  # with training.ema: the raw training weights and the EMA's counters
 # The repository root (or, in a Hugging Face Space, the folder that holds model/); run folders
 # live in <root>/runs/<name>/ (training's output.dir default).
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +144,7 @@ def slim_checkpoint(ckpt: dict, *, fp16: bool = False) -> dict:
     """The inference-only part of ``ckpt``: weights and metadata, without :data:`RESUME_KEYS`
     (about half the file). ``fp16``: floating-point weights stored as float16 (half again);
     ``model_from_checkpoint`` loads them into the float32 model as usual."""
-    slim = {k: v for k, v in ckpt.items() if k not in RESUME_KEYS}
+    slim = {k: v for k, v in ckpt.items() if k not in RESUME_KEYS + EMA_KEYS}
     if fp16:
         slim['model'] = {k: v.half() if v.is_floating_point() else v
                          for k, v in ckpt['model'].items()}

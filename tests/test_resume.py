@@ -310,3 +310,27 @@ def test_full_disk_while_writing_metrics_summary_or_plot(synthetic_betons, tmp_p
         assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
     else:  # the first epoch's line could not be written: no checkpoint claims otherwise
         assert not (run / 'last.pt').exists()
+
+
+def test_stop_mid_epoch_then_resume_with_the_ema_on(synthetic_betons, tmp_path):
+    """``training.ema`` on: Ctrl-C at step 5 of 20, resumed, ends on the uninterrupted run's
+    averaged weights ('model') *and* raw weights ('raw_model') bit for bit, with the same update
+    count. Catches an EMA that is not saved (the resumed average would restart from the raw
+    weights), one that is not restored, a raw model resumed from the averaged weights, and a
+    lost update counter (another warm-up decay)."""
+    from training.config import load_config
+    from training.trainer import Trainer, TrainingInterrupted, train
+    ema = {'data.batch_size': 20, 'training.ema': 0.95, 'training.ema_every': 3}
+    ref = tmp_path / 'ref'
+    train('tiny_cpu', tv(synthetic_betons, ref, **ema), log=lambda *_: None)
+    run = tmp_path / 'stopped'
+    trainer = Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **ema)), log=lambda *_: None)
+    _interrupt_at(trainer, 5)
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    assert torch.load(run / 'interrupted.pt', weights_only=True)['ema']['updates'] >= 1
+    resume(run / 'interrupted.pt')
+    a, b = (torch.load(p / 'last.pt', weights_only=True) for p in (ref, run))
+    assert a['ema'] == b['ema'] == {'decay': 0.95, 'every': 3, 'updates': 40 // 3}
+    assert same_weights(a['model'], b['model']) and same_weights(a['raw_model'], b['raw_model'])
+    assert not same_weights(a['model'], a['raw_model'])

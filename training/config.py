@@ -72,12 +72,18 @@ class TrainingConfig:
     label_smoothing: float = 0.1
     precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp16 on MPS; fp32 on CPU)
     compile: bool = False  # torch.compile the model (pays compile time up front)
+    compile_mode: str = 'default'  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    fused_sgd: bool = False  # torch's fused SGD kernel (one launch for all parameters) instead of foreach
+    cuda_graph: bool = False  # capture the whole training step in a CUDA graph (CUDA only; bf16/fp32; one process)
+    ema: float = 0.0  # weight averaging: EMA decay per optimizer step (0 = off); evaluated and exported when on
+    ema_every: int = 1  # update the EMA every N optimizer steps (the decay is raised to the N-th power)
     grad_clip: float = 0.0  # max grad norm; 0 = off
     seed: int = 0  # weights, data order and augmentation
     deterministic: bool = False  # cuDNN deterministic algorithms, no autotuning: bit-exact GPU resumes, slower
     device: str = 'auto'  # auto (CUDA, else MPS, else CPU) | cuda | cuda:N | mps | cpu
     target_top1: float = 0.73  # the summary reports when test top-1 first reached this
     tta: bool = True  # evaluate with horizontal-flip test-time augmentation
+    tta_translate: int = 0  # also evaluate views shifted this many pixels up-left and down-right (airbench); 0 = off
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
 
 
@@ -104,13 +110,14 @@ CHOICES = {
     'data.order': ('quasi_random', 'random', 'sequential'),
     'training.lr_schedule': ('linear', 'cosine'),
     'training.precision': ('auto', 'bf16', 'fp16', 'fp32'),
+    'training.compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
 }
 POSITIVE = ('data.batch_size', 'data.test_batch_size', 'training.epochs', 'model.num_classes',
-            'model.width', 'training.eval_every', 'data.batches_ahead')
+            'model.width', 'training.eval_every', 'data.batches_ahead', 'training.ema_every')
 NON_NEGATIVE = ('training.lr', 'training.warmup_epochs', 'training.weight_decay',
                 'training.grad_clip', 'augment.translate', 'augment.cutout',
                 'data.train_per_class', 'data.test_per_class', 'output.save_every',
-                'training.momentum')
+                'training.momentum', 'training.tta_translate')
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -168,6 +175,13 @@ def validate(cfg) -> None:
             raise ConfigError(f'{key}: must be >= 0, got {OmegaConf.select(cfg, key)}')
     if not 0 <= cfg.training.label_smoothing < 1:
         raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
+    if not 0 <= cfg.training.ema < 1:
+        raise ConfigError(f'training.ema: the decay must lie in [0, 1) (0 = off), got {cfg.training.ema}')
+    if cfg.training.tta_translate >= INPUT_SIZE // 2:
+        raise ConfigError(f'training.tta_translate: must lie in [0, {INPUT_SIZE // 2 - 1}], got {cfg.training.tta_translate}')
+    if cfg.training.cuda_graph and cfg.training.compile:
+        raise ConfigError('training.cuda_graph: captures the eager step; with training.compile use '
+                          'training.compile_mode=reduce-overhead (compile\'s own CUDA graphs) instead')
     if cfg.training.warmup_epochs > cfg.training.epochs:
         raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
                           f'training.epochs {cfg.training.epochs}')

@@ -12,28 +12,20 @@ from __future__ import annotations
 import torch
 
 from .runtime import accum_dtype, autocast
-
-
-def tta_logits(net: torch.nn.Module, x: torch.Tensor, *, flip: bool) -> torch.Tensor:
-    """float32 logits of a normalized NCHW batch, summed over the views (``flip``: and its
-    mirror image; the sum ranks classes as the mean does)."""
-    logits = net(x).float()
-    if flip:
-        logits = logits + net(torch.flip(x, dims=[3])).float()
-    return logits
+from .tta import tta_logits
 
 
 # not inference_mode: the FFCV test loader allocates its buffers in here and writes them from its
 # own thread, where an inference tensor may not be written in place
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, batches, *, device: torch.device, dtype: torch.dtype,
-             tta_flip: bool = True) -> torch.Tensor:
+             tta_flip: bool = True, tta_translate: int = 0) -> torch.Tensor:
     """``[top-1 correct, top-5 correct, images]`` over ``batches.epoch(0)``, on the device."""
     sums = torch.zeros(3, device=device, dtype=accum_dtype(device))
     net.eval()
     for x, y in batches.epoch(0):
         with autocast(device, dtype):
-            logits = tta_logits(net, x, flip=tta_flip)
+            logits = tta_logits(net, x, flip=tta_flip, translate=tta_translate)
         top5 = logits.topk(5, dim=1).indices
         sums[0] += (top5[:, 0] == y).sum()
         sums[1] += (top5 == y[:, None]).any(1).sum()

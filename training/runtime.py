@@ -109,9 +109,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix('torch.')
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """The one AMP context: a no-op for fp32, so there is no separate fp32 code path."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """The one AMP context: a no-op for fp32, so there is no separate fp32 code path.
+    (``cache_enabled=False`` while a CUDA graph is captured: its cast weights must not outlive it.)"""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32,
+                          cache_enabled=cache_enabled)
 
 
 def sync(device: torch.device) -> None:

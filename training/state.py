@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
-from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint
+from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint, unwrap
 from model.errors import UserError
 from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 
@@ -89,18 +89,29 @@ class Position:
         return f'{where} (step {self.step})'
 
 
+def _weights(model) -> dict:
+    """The bare model's state_dict, floating point as float32 (as ``make_checkpoint``): views of
+    the live tensors, which :class:`Snapshot` copies."""
+    return {k: v.detach().float() if v.is_floating_point() else v.detach()
+            for k, v in unwrap(model).state_dict().items()}
+
+
 def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
-                        metrics: dict | None, n_params: int, optimizer, scaler) -> dict:
+                        metrics: dict | None, n_params: int, optimizer, scaler, ema=None) -> dict:
     """A resumable checkpoint: the inference part (``model.checkpoint``) plus optimizer,
-    scaler and RNG states and the run's position."""
+    scaler and RNG states and the run's position. With an EMA (``training.ema``), 'model' is the
+    averaged model -- the one evaluated, so the metrics describe it, and the one the app and
+    export load -- and the raw training weights go to 'raw_model' for resuming."""
     meta = {**(metrics or {}), 'best_top1': pos.best_top1, 'epochs_planned': cfg.training.epochs,
             'params': n_params, 'train_seconds': pos.elapsed_s}
+    extra = {} if ema is None else {'raw_model': _weights(model), 'ema': ema.state_dict()}
     return make_checkpoint(
-        model, host=False, model_config=dict(cfg.model), class_names=class_names, coarse_names=coarse_names,
+        model if ema is None else ema.module, host=False, model_config=dict(cfg.model),
+        class_names=class_names, coarse_names=coarse_names,
         fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD, config=to_dict(cfg),
         epoch=pos.epoch, step=pos.step, metrics=meta, batch=pos.batch, best_top1=pos.best_top1,
         elapsed_s=pos.elapsed_s, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-        rng=get_rng_state(), partial=pos.partial)
+        rng=get_rng_state(), partial=pos.partial, **extra)
 
 
 class Snapshot:
@@ -136,15 +147,18 @@ class Snapshot:
         return obj
 
 
-def restore(path: str | os.PathLike, *, model, optimizer, scaler) -> Position:
-    """Load ``path`` into the model, optimizer and scaler, restore the RNG states; returns
-    where the run stopped. An inference-only checkpoint cannot be resumed."""
+def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None) -> Position:
+    """Load ``path`` into the model, optimizer, scaler (and EMA), restore the RNG states;
+    returns where the run stopped. An inference-only checkpoint cannot be resumed. A checkpoint
+    without an EMA resumed with one starts the average from its weights."""
     ckpt = load_checkpoint(path, map_location='cpu')
     missing = [k for k in RESUME_KEYS if k not in ckpt and k != 'best_top1']  # older files lack it
     if missing:
         raise ConfigError(f'{path}: checkpoint has no {missing[0]} state; it cannot be resumed '
                           f'(inference-only export?)')
-    model.load_state_dict(ckpt['model'])
+    model.load_state_dict(ckpt.get('raw_model', ckpt['model']))
+    if ema is not None:
+        ema.load_state_dict(ckpt.get('ema', {'updates': 0}), ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt['scaler'] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(ckpt['scaler'])

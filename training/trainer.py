@@ -39,6 +39,7 @@ from .runtime import (configure_backends, device_name, dtype_name, resolve_devic
                       workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
 from .step import TrainStep, lr_schedule, make_optimizer
+from .ema import EMA
 
 __all__ = ['Trainer', 'train', 'TrainingDiverged', 'TrainingInterrupted']
 
@@ -94,22 +95,25 @@ class Trainer:
                                  channels_last=channels_last).to(self.device)
         self.layout = 'channels-last' if channels_last else 'NCHW'
         self.n_params = count_parameters(self.model)
-        optimizer = make_optimizer(self.model, tc, eager=not tc.compile)
+        optimizer = make_optimizer(self.model, tc, self.device, eager=not (tc.compile or tc.cuda_graph))
+        self.ema = EMA(self.model, tc.ema, every=tc.ema_every) if tc.ema else None  # evaluated, exported
         self.lrs = lr_schedule(lr=tc.lr, epochs=tc.epochs, iters_per_epoch=len(self.data.train),
                                warmup_epochs=tc.warmup_epochs, kind=tc.lr_schedule)
         # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
         # evaluating through it would need the same number of batches on every rank.
-        self.eval_net = torch.compile(self.model) if tc.compile else self.model
+        self.eval_net = torch.compile(self.model, mode=tc.compile_mode) if tc.compile else self.model
+        self.ema_net = self.ema and (torch.compile(self.ema.module, mode=tc.compile_mode) if tc.compile else self.ema.module)
         net = self.eval_net
         if self.info.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
         self.train_step = TrainStep(net, optimizer, device=self.device, dtype=self.dtype,
-                                    label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip)
+                                    label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip,
+                                    cuda_graph=tc.cuda_graph)
         self.start = Position()
         if self.resume:
             self.start = restore(self.resume, model=self.model, optimizer=optimizer,
-                                 scaler=self.train_step.scaler)
+                                 scaler=self.train_step.scaler, ema=self.ema)
             # the saved step counter and mid-epoch position assume the old steps per epoch
             # (a changed data set, batch size or number of processes would break them)
             if self.start.step != self.start.epoch * len(self.data.train) + self.start.batch:
@@ -184,6 +188,8 @@ class Trainer:
             for b, (x, y) in self.batches(epoch, stats):
                 loss, logits = self.train_step(x, y, self.lrs[self.step])
                 self.step += 1
+                if self.ema:
+                    self.ema.update(self.model, self.step)
                 stats.add(loss, logits, y)
                 bar.update(1)
                 n += 1
@@ -223,12 +229,15 @@ class Trainer:
                 raise _StopAtBatchBoundary
             yield b, batch
 
-    def evaluate(self) -> tuple[float, float, float, int]:
-        """(top-1, top-5, seconds, images) on the test set (all ranks), flip TTA if configured."""
+    def evaluate(self, raw: bool = False) -> tuple[float, float, float, int]:
+        """(top-1, top-5, seconds, images) on the test set (all ranks), with the configured TTA
+        views, of the EMA model when ``training.ema`` is on (``raw``: of the trained model)."""
         t0 = time.perf_counter()
-        D.broadcast_buffers(self.model)  # BatchNorm statistics: rank 0's, as DDP trains with
-        sums = evaluate(self.eval_net, self.data.test, device=self.device, dtype=self.dtype,
-                        tta_flip=self.cfg.training.tta)
+        ema = self.ema is not None and not raw
+        D.broadcast_buffers(self.ema.module if ema else self.model)  # BatchNorm statistics: rank 0's, as DDP trains with
+        tc = self.cfg.training
+        sums = evaluate(self.ema_net if ema else self.eval_net, self.data.test, device=self.device,
+                        dtype=self.dtype, tta_flip=tc.tta, tta_translate=tc.tta_translate)
         top1, top5, n = D.all_reduce_sum(sums).tolist()
         return top1 / n, top5 / n, time.perf_counter() - t0, int(n)
 
@@ -253,6 +262,8 @@ class Trainer:
             'train_images': tot['seen'], 'test_images': n_test,
             'wallclock_s': round(self._elapsed(), 3),
         }
+        if self.ema and last:  # did the average pay? (after the clock reading: not on the time to target)
+            record['test_top1_raw'] = self.evaluate(raw=True)[0]
         improved = top1 is not None and top1 > self.best_top1
         self.best_top1 = max(self.best_top1, top1 or 0.0)
         if not self.info.is_main:
@@ -321,7 +332,7 @@ class Trainer:
         return training_checkpoint(self.model, self.cfg, class_names=self.data.class_names,
                                    coarse_names=self.data.coarse_names, pos=pos, metrics=metrics,
                                    n_params=self.n_params, optimizer=self.train_step.optimizer,
-                                   scaler=self.train_step.scaler)
+                                   scaler=self.train_step.scaler, ema=self.ema)
 
     def _save_interrupted(self, epoch: int, stats: EpochStats, seconds: float):
         sync(self.device)
