@@ -29,7 +29,9 @@ def test_tiny_benchmark_measures_every_section_consistently(synthetic_data, synt
     assert ops['ours'] > 0 and ops['ffcv_builtin'] > 0
     assert ops['speedup'] == round(ops['ours'] / ops['ffcv_builtin'], 2)
     m = res['model_step']
-    assert (m['batch'], m['steps'], m['precision'], m['width'], m['compiled']) == (16, 2, 'float32', 8, False)
+    from training.runtime import cpu_has_native_bf16
+    want = 'bfloat16' if cpu_has_native_bf16() else 'float32'  # precision auto on the CPU
+    assert (m['batch'], m['steps'], m['precision'], m['width'], m['compiled']) == (16, 2, want, 8, False)
     assert m['images_per_s'] > 0 and 'model_step_compiled' not in res  # no compile on the CPU by default
     e = res['full_epoch']['torchvision']  # --tiny's full epoch: the loader with nothing to compile
     assert e['images_per_epoch'] == 96 and e['batch'] == 16  # 1 image per class, batches of 16

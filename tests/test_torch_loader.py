@@ -157,7 +157,10 @@ def test_device_selection(monkeypatch):
         assert R.resolve_device('auto') == CPU
         with pytest.raises(ConfigError, match="'mps' requested but MPS is not available here"):
             R.resolve_device('mps')
-    assert R.resolve_precision('auto', CPU) == torch.float32
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):  # bf16 where the CPU has it
+        monkeypatch.setattr(R, 'cpu_has_native_bf16', lambda: native)
+        assert R.resolve_precision('auto', CPU) == want
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="'fp16' is not supported on the CPU"):
         R.resolve_precision('fp16', CPU)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)

@@ -70,7 +70,7 @@ class TrainingConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4  # on conv/linear weights only (p.dim() >= 2)
     label_smoothing: float = 0.1
-    precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp16 on MPS; fp32 on CPU)
+    precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp16 on MPS; on the CPU bf16 where native (AVX512-BF16/AMX), else fp32)
     compile: bool = False  # torch.compile the model (pays compile time up front)
     compile_mode: str = 'default'  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     fused_sgd: bool = False  # torch's fused SGD kernel (one launch for all parameters) instead of foreach
