@@ -20,9 +20,10 @@ Preparing an image (``prepare_image``) -- the same pixels the model saw in train
     (its support widens with the reduction factor), with ``reducing_gap=3`` (a box reduction to
     >= 3x the target first: 6x faster on a 12 MP photo, 0.3-0.6 grey levels off on average
     versus a full-resolution resize); a 32x32 image is not resampled at all;
-  * normalize exactly as ``ffcv_pipeline.loaders.Normalize`` does on the training/test data:
-    float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255 mean/std (bit-identical:
-    the same IEEE float32 operations in the same order), NCHW with channels-last memory.
+  * normalize exactly as the loaders' ``Normalize`` (``ffcv_pipeline.torch_loader``) does on
+    the training/test data: float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255
+    mean/std (bit-identical: the same IEEE float32 operations in the same order), NCHW with
+    channels-last memory.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SIZE = 32
+from model.project import IMAGE_SIZE  # standard library only: every Space has it
 MAX_PIXELS = 50_000_000  # refuse bigger images: 50 MP decodes to 150 MB of RGB already
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from model.project import IMAGE_SIZE  # standard library only: every Space has it
+
 META_KEY = 'cifar100_ffcv_meta'  # the ONNX metadata_props key holding the JSON below
 META_FORMAT_VERSION = 1
 # What a checkpoint's top-level keys contribute (weights and resume state are not metadata).
@@ -32,7 +34,7 @@ class ModelMeta:
     parameters: int
     coarse_names: list[str] | None = None
     fine_to_coarse: list[int] | None = None
-    image_size: int = 32
+    image_size: int = IMAGE_SIZE
     config: dict = field(default_factory=dict)  # the resolved training config
     epoch: int | None = None
     metrics: dict = field(default_factory=dict)

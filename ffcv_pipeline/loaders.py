@@ -36,7 +36,11 @@ ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM
           'sequential': OrderOption.SEQUENTIAL}
 
 
-def _tail(device: torch.device, dtype: torch.dtype, mean, std, channels_last: bool) -> list:
+def _tail(device: torch.device, dtype: torch.dtype, mean, std, channels_last: bool,
+          normalize: bool = True) -> list:
+    if not normalize:  # uint8 torch images (the benchmark's augmentation-only figure)
+        return [ToTensor(), *([ToDevice(device, non_blocking=True)] if device.type != 'cpu' else []),
+                ToTorchImage(channels_last=channels_last)]
     if device.type == 'cpu':
         # On the CPU the "device" is the CPU: FFCV's numba NormalizeImage writes normalized
         # float32 NHWC in one pass (a per-channel lookup table), 2.6x faster than the same
@@ -55,19 +59,34 @@ def label_pipeline(*, device: torch.device) -> list:
     return ops + [Squeeze(1), Convert(torch.int64)]  # dim 1 only: a last batch of 1 stays 1-D
 
 
+def augmentation(state: AugmentationState, *, flip: bool, padding: int, cutout: int, fill,
+                 ffcv_builtin: bool = False) -> list:
+    """The augmentation ops in order, one entry per op (settings: ``augment.settings``).
+    ``ffcv_builtin``: FFCV's own ops with the same settings instead (not reproducible: the
+    benchmark's comparison only)."""
+    if ffcv_builtin:
+        import ffcv.transforms as FT
+    ops = []
+    if flip:
+        ops.append(FT.RandomHorizontalFlip() if ffcv_builtin else RandomHorizontalFlip(state))
+    if padding > 0:
+        ops.append(FT.RandomTranslate(padding=padding, fill=fill) if ffcv_builtin else
+                   RandomTranslate(state, padding=padding, fill=fill))
+    if cutout > 0:
+        ops.append(FT.Cutout(cutout, fill) if ffcv_builtin else Cutout(state, size=cutout, fill=fill))
+    return ops
+
+
 def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
                    flip: bool, padding: int, cutout: int, channels_last: bool = True,
-                   mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
-    """The training augmentation (settings: the config's ``augment`` section, one source)."""
-    fill = fill_colour(mean)
-    image = [SimpleRGBImageDecoder()]
-    if flip:
-        image.append(RandomHorizontalFlip(state))
-    if padding > 0:
-        image.append(RandomTranslate(state, padding=padding, fill=fill))
-    if cutout > 0:
-        image.append(Cutout(state, size=cutout, fill=fill))
-    image += _tail(device, dtype, mean, std, channels_last)
+                   mean=CIFAR100_MEAN, std=CIFAR100_STD, normalize: bool = True,
+                   ffcv_builtin: bool = False) -> dict[str, list]:
+    """The training augmentation (settings: the config's ``augment`` section, one source).
+    ``normalize=False`` ends at uint8 torch images; ``ffcv_builtin``: see :func:`augmentation`."""
+    image = [SimpleRGBImageDecoder(),
+             *augmentation(state, flip=flip, padding=padding, cutout=cutout, fill=fill_colour(mean),
+                           ffcv_builtin=ffcv_builtin),
+             *_tail(device, dtype, mean, std, channels_last, normalize)]
     return {'image': image, 'label': label_pipeline(device=device)}
 
 

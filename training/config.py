@@ -15,8 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.checkpoint import PROJECT_ROOT as ROOT, RUNS_DIR
-from model.resnet import INPUT_SIZE
+from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT, RUNS_DIR
 
 CONFIG_DIR = ROOT / 'configs'
 
@@ -166,8 +165,8 @@ def validate(cfg) -> None:
     if cfg.training.warmup_epochs > cfg.training.epochs:
         raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
                           f'training.epochs {cfg.training.epochs}')
-    if cfg.augment.cutout > INPUT_SIZE:
-        raise ConfigError(f'augment.cutout: must lie in [0, {INPUT_SIZE}], got {cfg.augment.cutout}')
+    if cfg.augment.cutout > IMAGE_SIZE:
+        raise ConfigError(f'augment.cutout: must lie in [0, {IMAGE_SIZE}], got {cfg.augment.cutout}')
     dev = cfg.training.device
     if not (dev in ('auto', 'cpu', 'cuda', 'mps') or (dev.startswith('cuda:') and dev[5:].isdigit())):
         raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ffcv_pipeline import ffcv_version
-from model import build_model, count_parameters
+from model import build_model, count_parameters, use_channels_last
 from model.checkpoint import load_checkpoint
 from model.fileio import DiskFullError
 
@@ -33,8 +33,7 @@ from .config import ROOT, ConfigError, load_config
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
 from .metrics import EpochStats, plot_curves, summarize, write_json
 from .runtime import (accum_dtype, autocast, configure_backends, device_name, dtype_name,
-                      resolve_device, resolve_precision, seed_everything, sync, use_channels_last,
-                      workers_per_process)
+                      resolve_device, resolve_precision, seed_everything, sync, workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
 from .step import TrainStep, lr_schedule, make_optimizer
 
@@ -64,16 +63,14 @@ class Trainer:
         seed_everything(tc.seed)
         configure_backends(deterministic=tc.deterministic)
         self.workers = workers_per_process(cfg.data.num_workers)
-        channels_last = use_channels_last(cfg.model.channels_last, self.device, cfg.model.width)
+        channels_last = use_channels_last(cfg.model, self.device)
         self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT, workers=self.workers,
                                channels_last=channels_last, rank=self.info.rank,
                                world_size=self.info.world_size)
         if len(self.data.train) == 0:
             raise ConfigError(f'data.batch_size {cfg.data.batch_size} exceeds the '
                               f'{self.data.train.num_samples} training images per process')
-        m = cfg.model
-        self.model = build_model(m.arch, num_classes=m.num_classes, width=m.width,
-                                 channels_last=channels_last).to(self.device)
+        self.model = build_model(cfg.model, device=self.device)
         self.layout = 'channels-last' if channels_last else 'NCHW'
         self.n_params = count_parameters(self.model)
         optimizer = make_optimizer(self.model, tc)
