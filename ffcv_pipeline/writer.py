@@ -72,11 +72,11 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
     import ffcv.writer
     from tqdm import tqdm
 
+    from .ffcv_patches import writer_hooks
     watchdog = WorkerWatchdog()
-    # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable. Its worker
-    # processes are recorded for the watchdog.
-    ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)
-    ffcv.writer.Process = watchdog.process_class
+    # ffcv's bare tqdm bar gets a name and a switch; its worker processes go to the watchdog
+    writer_hooks(progress_bar=functools.partial(tqdm, desc=desc, unit='img', disable=not progress),
+                 process_class=watchdog.process_class)
     writer = ffcv.writer.DatasetWriter(str(path), _ffcv_fields(), num_workers=num_workers)
     try:
         with watchdog:
