@@ -226,9 +226,9 @@ def prepare_image(source: Any, *, name: str | None = None) -> tuple[np.ndarray, 
 def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float],
               scale: float = 255) -> np.ndarray:
     """N x 32 x 32 x 3 uint8 -> N x 3 x 32 x 32 float32 (a transposed view of NHWC memory, i.e.
-    channels-last strides), normalized with the very float32 operations of
-    ``ffcv_pipeline.loaders.Normalize`` -- ``(x - mean) * (1 / std)`` -- so the values are
-    bit-identical to what the model saw in training."""
+    channels-last strides), normalized with the very float32 operations of the loaders'
+    ``Normalize`` (``ffcv_pipeline.torch_loader``) -- ``(x - mean) * (1 / std)`` -- so the values
+    are bit-identical to what the model saw in training."""
     x = np.asarray(batch, dtype=np.float32)
     mean32 = np.asarray(mean, dtype=np.float32)
     inv_std = np.float32(1) / np.asarray(std, dtype=np.float32)
