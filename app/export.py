@@ -46,11 +46,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from model.checkpoint import (PROJECT_ROOT as ROOT, atomic_save, load_checkpoint,
-                              model_from_checkpoint, slim_checkpoint)
-from model.fileio import DiskFullError, NotWritableError, atomic_write, atomic_write_text, is_disk_full
+from model import count_parameters
+from model.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, slim_checkpoint
 from model.errors import UserError
-from model.resnet import count_parameters
+from model.fileio import DiskFullError, NotWritableError, atomic_write, atomic_write_text, is_disk_full
+from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT
 
 from .modelmeta import META_KEY, ModelMeta
 from .predictor import Predictor
@@ -61,7 +61,10 @@ ONNX_TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch; measured 
 OPSET = 17
 SPACE_MODULES = {'common': ('app.py', 'predictor.py', 'images.py', 'modelmeta.py'),
                  'onnx': ('onnx_backend.py',), 'torch': ('torch_backend.py',)}
-MODEL_PACKAGE = ('__init__.py', 'resnet.py', 'checkpoint.py', 'fileio.py', 'errors.py')  # torch Space only
+# What a Space takes from model/: every Space the shared facts (image size, root; standard
+# library only), a torch Space the whole package (the network and the checkpoint format).
+MODEL_FILES = {'onnx': ('__init__.py', 'errors.py', 'project.py'),
+               'torch': tuple(sorted(p.name for p in (ROOT / 'model').glob('*.py')))}
 REQUIREMENTS = {'onnx': HERE / 'requirements-onnx.txt', 'torch': HERE / 'requirements.txt'}
 EXAMPLE_DIRS = (ROOT / 'data_beton' / 'examples', HERE / 'examples')
 MANIFEST = 'export.json'
@@ -138,7 +141,7 @@ def verification_images(dirs=EXAMPLE_DIRS, count: int = 16) -> tuple[list, str]:
         if found:
             return found, str(d)
     rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
+    return [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
 
 
 def verify_onnx(onnx_path: Path, ckpt: dict, images: list, source: str) -> Verification:
@@ -182,9 +185,8 @@ def space_readme(ckpt: dict, backend: str) -> str:
 def _stage_space(stage: Path, ckpt: dict, backend: str, examples: list[Path]) -> None:
     for name in SPACE_MODULES['common'] + SPACE_MODULES[backend]:
         _copy(HERE / name, stage / name)
-    if backend == 'torch':  # the checkpoint format and the network itself
-        for name in MODEL_PACKAGE:
-            _copy(ROOT / 'model' / name, stage / 'model' / name)
+    for name in MODEL_FILES[backend]:
+        _copy(ROOT / 'model' / name, stage / 'model' / name)
     _copy(REQUIREMENTS[backend], stage / 'requirements.txt')
     atomic_write_text(stage / 'README.md', space_readme(ckpt, backend))
     for p in examples:

@@ -20,9 +20,10 @@ Preparing an image (``prepare_image``) -- the same pixels the model saw in train
     (its support widens with the reduction factor), with ``reducing_gap=3`` (a box reduction to
     >= 3x the target first: 6x faster on a 12 MP photo, 0.3-0.6 grey levels off on average
     versus a full-resolution resize); a 32x32 image is not resampled at all;
-  * normalize exactly as ``ffcv_pipeline.loaders.Normalize`` does on the training/test data:
-    float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255 mean/std (bit-identical:
-    the same IEEE float32 operations in the same order), NCHW with channels-last memory.
+  * normalize exactly as the loaders' ``Normalize`` (``ffcv_pipeline.torch_loader``) does on
+    the training/test data: float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255
+    mean/std (bit-identical: the same IEEE float32 operations in the same order), NCHW with
+    channels-last memory.
 """
 from __future__ import annotations
 
@@ -35,13 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:
-    from model.errors import UserError
-except ImportError:  # a torch-free Space folder ships the app without model/ (no one catches it there)
-    class UserError(Exception):
-        pass
-
-IMAGE_SIZE = 32
+from model.errors import UserError  # standard library only: every Space has it
+from model.project import IMAGE_SIZE
 MAX_PIXELS = 50_000_000  # refuse bigger images: 50 MP decodes to 150 MB of RGB already
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
@@ -231,9 +227,9 @@ def prepare_image(source: Any, *, name: str | None = None) -> tuple[np.ndarray, 
 def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float],
               scale: float = 255) -> np.ndarray:
     """N x 32 x 32 x 3 uint8 -> N x 3 x 32 x 32 float32 (a transposed view of NHWC memory, i.e.
-    channels-last strides), normalized with the very float32 operations of
-    ``ffcv_pipeline.loaders.Normalize`` -- ``(x - mean) * (1 / std)`` -- so the values are
-    bit-identical to what the model saw in training."""
+    channels-last strides), normalized with the very float32 operations of the loaders'
+    ``Normalize`` (``ffcv_pipeline.torch_loader``) -- ``(x - mean) * (1 / std)`` -- so the values
+    are bit-identical to what the model saw in training."""
     x = np.asarray(batch, dtype=np.float32)
     mean32 = np.asarray(mean, dtype=np.float32)
     inv_std = np.float32(1) / np.asarray(std, dtype=np.float32)

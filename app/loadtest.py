@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from model.checkpoint import PROJECT_ROOT as ROOT  # noqa: E402  (the repository)
+from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT
 PORT_TAKEN = ('address already in use', 'Cannot find empty port')  # lost a free_port race
 ERROR_MARKERS = ('Could not classify', 'Internal error', 'No model loaded')
 
@@ -131,7 +131,7 @@ def default_images(out_dir: Path, count: int = 8) -> list[str]:
     paths = []
     for i in range(count):
         p = out_dir / f'synthetic_{i}.png'
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
+        Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     return paths
 

@@ -11,11 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-try:
-    from model.errors import UserError
-except ImportError:  # a torch-free Space folder ships the app without model/ (no one catches it there)
-    class UserError(Exception):
-        pass
+from model.errors import UserError  # standard library only: every Space has it
+from model.project import IMAGE_SIZE
 
 META_KEY = 'cifar100_ffcv_meta'  # the ONNX metadata_props key holding the JSON below
 META_FORMAT_VERSION = 1
@@ -38,7 +35,7 @@ class ModelMeta:
     parameters: int
     coarse_names: list[str] | None = None
     fine_to_coarse: list[int] | None = None
-    image_size: int = 32
+    image_size: int = IMAGE_SIZE
     config: dict = field(default_factory=dict)  # the resolved training config
     epoch: int | None = None
     metrics: dict = field(default_factory=dict)

@@ -26,11 +26,13 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT  # standard library only: every Space has it
+
 try:
-    from .images import IMAGE_SIZE, MAX_PIXELS, ImageError, describe, normalize, prepare_image
+    from .images import MAX_PIXELS, ImageError, describe, normalize, prepare_image
     from .modelmeta import ModelFileError
 except ImportError:  # a flat Space folder (`python app.py`): this file's folder is on sys.path
-    from images import IMAGE_SIZE, MAX_PIXELS, ImageError, describe, normalize, prepare_image
+    from images import MAX_PIXELS, ImageError, describe, normalize, prepare_image
     from modelmeta import ModelFileError
 
 TRAIN_COMMAND = 'python scripts/train.py --config rn18.yaml'
@@ -41,9 +43,6 @@ BACKENDS = ('torch', 'onnx')
 SHIPPED_MODELS = ('model.onnx', 'model.pt')  # what an exported Space folder holds beside app.py
 
 HERE = Path(__file__).resolve().parent  # app/ (or the Space folder)
-# The repository root in the repo layout (model.checkpoint.PROJECT_ROOT, which imports torch: an
-# ONNX Space has none, so it is derived here).
-ROOT = HERE.parent
 
 __all__ = ['Predictor', 'Prediction', 'ImageError', 'ModelFileError', 'prepare_image',
            'normalize', 'resolve_checkpoint', 'MAX_PIXELS', 'NO_CHECKPOINT_MESSAGE', 'latency',

@@ -53,20 +53,19 @@ class Int8Check:
 
 
 def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images N x 32 x 32 x 3, labels) from ``cifar100_<split>.npy``."""
-    path = Path(data_dir) / f'cifar100_{split}.npy'
-    fix = 'run `python scripts/write_datasets.py` (or give --data-dir the folder it wrote)'
-    if not path.is_file():
-        raise QuantizeError(f'{path}: not found; --int8 calibrates and checks on the converted '
-                            f'CIFAR-100 arrays: {fix}')
+    """(uint8 images N x 32 x 32 x 3, labels) from ``cifar100_<split>.npy``, checked by the
+    data side's one array check (``ffcv_pipeline.data.check_arrays``; numpy and torch only)."""
+    from ffcv_pipeline.archive import DatasetError
+    from ffcv_pipeline.constants import ARRAY_NAMES
+    from ffcv_pipeline.data import check_arrays
+    path = Path(data_dir) / ARRAY_NAMES[split]
     try:
-        arr = np.load(path, mmap_mode='r')
-        images, labels = np.asarray(arr['image']), np.asarray(arr['label'], dtype=np.int64)
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        raise QuantizeError(f'{path}: not a readable CIFAR-100 array file ({e}); {fix} --force') from None
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or not len(images):
-        raise QuantizeError(f'{path}: expected N x 32 x 32 x 3 images, found {images.shape}; {fix} --force')
-    return images, labels
+        arrays = check_arrays(path, reader='--int8 (calibration and the accuracy check)')
+    except DatasetError as e:
+        raise QuantizeError(f'{e} (or give --data-dir the folder it wrote)') from None
+    if not len(arrays):
+        raise QuantizeError(f'{path}: holds no images; run `python scripts/write_datasets.py --force`')
+    return np.asarray(arrays['image']), np.asarray(arrays['label'], dtype=np.int64)
 
 
 def _batches(predictor, images: np.ndarray):

@@ -152,7 +152,8 @@ def _split(d: dict, where: str) -> Split:
     fine = _labels(d['fine_labels'], n, NUM_FINE, where, 'fine_labels')
     coarse = _labels(d['coarse_labels'], n, NUM_COARSE, where, 'coarse_labels')
     # rows are 1024 R, 1024 G, 1024 B values, row-major -> (N, H, W, C)
-    images = np.ascontiguousarray(data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1))
+    h, w, c = IMAGE_SHAPE
+    images = np.ascontiguousarray(data.reshape(n, c, h, w).transpose(0, 2, 3, 1))
     return Split(images, fine, coarse)
 
 

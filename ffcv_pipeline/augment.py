@@ -27,6 +27,12 @@ LOW32 = np.uint64(0xFFFFFFFF)
 FLIP_THRESHOLD = np.uint64(2**31)  # flip when the low 32 bits are below: probability 1/2
 
 
+def settings(acfg) -> dict:
+    """The config's ``augment`` section as the keyword arguments of :func:`augment_batch` and
+    the FFCV pipeline (``loaders.train_pipeline``), less ``fill``: the one mapping of its keys."""
+    return dict(flip=bool(acfg.flip), padding=int(acfg.translate), cutout=int(acfg.cutout))
+
+
 def mix64(z):
     """splitmix64 finalizer: a bijective, well-mixed hash of a uint64 (scalar or array)."""
     z = z + np.uint64(0x9E3779B97F4A7C15)

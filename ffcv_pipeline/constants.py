@@ -3,9 +3,9 @@
 Mean/std are per RGB channel on the 0-255 scale (the usual CIFAR-100 training-set statistics),
 so the loaders normalize uint8 pixels directly: ``(x - mean) / std``.
 """
-from model.resnet import INPUT_SIZE
+from model.project import IMAGE_SIZE  # standard library only (no torch)
 
-IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)  # H, W, C as stored in the .beton files (uint8, RGB)
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)  # H, W, C as stored in the .beton files (uint8, RGB)
 NUM_FINE = 100
 NUM_COARSE = 20
 

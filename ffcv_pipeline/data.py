@@ -14,7 +14,6 @@ processes. Importing this module does not import ffcv; building FFCV loaders doe
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,11 @@ import numpy as np
 import torch
 
 from . import ffcv_import_error
+from .augment import settings
 from .archive import DatasetError
-from .constants import COARSE_LABEL_NAMES, FINE_LABEL_NAMES, MANIFEST_NAME
+from .constants import COARSE_LABEL_NAMES, FINE_LABEL_NAMES
 from .interface import Batches
+from .writer import read_manifest
 
 
 @dataclass
@@ -44,17 +45,6 @@ class TrainingData:
 def resolve_path(p: str | Path, root: Path) -> Path:
     """Config paths are relative to the repository root, not to the working directory."""
     return Path(p) if Path(p).is_absolute() else root / p
-
-
-def read_manifest(folder: Path) -> dict | None:
-    """``manifest.json`` beside the ``.beton`` files, or None (files written by other tools)."""
-    try:
-        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f'{Path(folder) / MANIFEST_NAME}: unreadable ({e}); rewrite it with '
-                           f'`python scripts/write_datasets.py --force`') from None
 
 
 def beton_labels(path: str | Path) -> np.ndarray:
@@ -97,13 +87,15 @@ def resolve_loader(name: str) -> tuple[str, str | None]:
     return 'torchvision', f'notice: ffcv does not import here ({err}); using the torchvision loader'
 
 
-def check_arrays(path: Path, *, expected: dict | None = None) -> np.ndarray:
-    """The split's memory-mapped arrays, or :class:`DatasetError` naming what is wrong."""
+def check_arrays(path: Path, *, expected: dict | None = None,
+                 reader: str = 'the torchvision loader') -> np.ndarray:
+    """The split's memory-mapped arrays, or :class:`DatasetError` naming what is wrong (the one
+    check of a ``.npy`` split; ``reader``: who needs it, for the missing-file message)."""
     from .torch_loader import load_arrays
     from .writer import ARRAY_DTYPE
     fix = 'rewrite it with `python scripts/write_datasets.py --force`'
     if not path.is_file():
-        raise DatasetError(f'{path}: no such file (the torchvision loader reads the arrays beside '
+        raise DatasetError(f'{path}: no such file ({reader} reads the arrays beside '
                            f'{path.with_suffix(".beton").name}); run `python scripts/write_datasets.py`')
     try:
         arrays = load_arrays(path)
@@ -123,7 +115,7 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
     """The train/test loaders of ``cfg`` (the training config) on ``device``, with ``workers``
     loader threads (FFCV) or processes (torchvision); under torchrun, ``rank``/``world_size``
     shard the data."""
-    d, a = cfg.data, cfg.augment
+    d = cfg.data
     kind, notice = resolve_loader(d.loader)
     paths = [resolve_path(p, root) for p in (d.train_path, d.test_path)]
     if kind == 'torchvision':  # the .npy arrays written beside the .beton files
@@ -152,7 +144,7 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
         test_idx = np.arange(len(test_labels))
     if world_size > 1:  # exact, disjoint evaluation shards; sums are all-reduced
         test_idx = test_idx[rank::world_size]
-    aug = dict(flip=a.flip, padding=a.translate, cutout=a.cutout)
+    aug = settings(cfg.augment)
     resident = d.resident_test is not False  # null = auto: always (30 MB fit on any device)
     make = _ffcv_loaders if kind == 'ffcv' else _torch_loaders
     train, test = make(cfg, paths, aug, train_idx, None if resident else test_idx, device=device,

@@ -11,7 +11,6 @@ normalization is FFCV's numba ``NormalizeImage`` (float32 out; autocast handles 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -27,13 +26,10 @@ load_ffcv()  # before any other ffcv import: ~2.5 s faster (see load_ffcv)
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
-import ffcv.loader.epoch_iterator as _epoch_iterator_module
-from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order import QuasiRandom
-import ffcv.traversal_order.quasi_random as _quasi_random_module
 
 from .constants import CIFAR100_MEAN, CIFAR100_STD
+from .ffcv_patches import apply_loader_patches, stable_quasi_random
 from .ops import AugmentationState, Cutout, NormalizeToFloat, RandomHorizontalFlip, RandomTranslate
 from .torch_loader import Normalize, fill_colour, normalization_table
 
@@ -41,7 +37,11 @@ ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM
           'sequential': OrderOption.SEQUENTIAL}
 
 
-def _tail(device: torch.device, dtype: torch.dtype, mean, std, channels_last: bool) -> list:
+def _tail(device: torch.device, dtype: torch.dtype, mean, std, channels_last: bool,
+          normalize: bool = True) -> list:
+    if not normalize:  # uint8 torch images (the benchmark's augmentation-only figure)
+        return [ToTensor(), *([ToDevice(device, non_blocking=True)] if device.type != 'cpu' else []),
+                ToTorchImage(channels_last=channels_last)]
     if device.type == 'cpu':
         # On the CPU the "device" is the CPU: a numba op writes normalized float32 NHWC in one
         # pass through a per-channel lookup table (as FFCV's NormalizeImage, 2.6x faster than the
@@ -61,19 +61,34 @@ def label_pipeline(*, device: torch.device) -> list:
     return ops + [Squeeze(1), Convert(torch.int64)]  # dim 1 only: a last batch of 1 stays 1-D
 
 
+def augmentation(state: AugmentationState, *, flip: bool, padding: int, cutout: int, fill,
+                 ffcv_builtin: bool = False) -> list:
+    """The augmentation ops in order, one entry per op (settings: ``augment.settings``).
+    ``ffcv_builtin``: FFCV's own ops with the same settings instead (not reproducible: the
+    benchmark's comparison only)."""
+    if ffcv_builtin:
+        import ffcv.transforms as FT
+    ops = []
+    if flip:
+        ops.append(FT.RandomHorizontalFlip() if ffcv_builtin else RandomHorizontalFlip(state))
+    if padding > 0:
+        ops.append(FT.RandomTranslate(padding=padding, fill=fill) if ffcv_builtin else
+                   RandomTranslate(state, padding=padding, fill=fill))
+    if cutout > 0:
+        ops.append(FT.Cutout(cutout, fill) if ffcv_builtin else Cutout(state, size=cutout, fill=fill))
+    return ops
+
+
 def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
                    flip: bool, padding: int, cutout: int, channels_last: bool = True,
-                   mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
-    """The training augmentation (settings: the config's ``augment`` section, one source)."""
-    fill = fill_colour(mean)
-    image = [SimpleRGBImageDecoder()]
-    if flip:
-        image.append(RandomHorizontalFlip(state))
-    if padding > 0:
-        image.append(RandomTranslate(state, padding=padding, fill=fill))
-    if cutout > 0:
-        image.append(Cutout(state, size=cutout, fill=fill))
-    image += _tail(device, dtype, mean, std, channels_last)
+                   mean=CIFAR100_MEAN, std=CIFAR100_STD, normalize: bool = True,
+                   ffcv_builtin: bool = False) -> dict[str, list]:
+    """The training augmentation (settings: the config's ``augment`` section, one source).
+    ``normalize=False`` ends at uint8 torch images; ``ffcv_builtin``: see :func:`augmentation`."""
+    image = [SimpleRGBImageDecoder(),
+             *augmentation(state, flip=flip, padding=padding, cutout=cutout, fill=fill_colour(mean),
+                           ffcv_builtin=ffcv_builtin),
+             *_tail(device, dtype, mean, std, channels_last, normalize)]
     return {'image': image, 'label': label_pipeline(device=device)}
 
 
@@ -83,64 +98,7 @@ def test_pipeline(*, device: torch.device, dtype: torch.dtype, channels_last: bo
             'label': label_pipeline(device=device)}
 
 
-# FFCV's quasi-random order is a module-level numba function compiled in every process (1.2 s on
-# our 2 cores); it has no closure over data, so numba can keep its machine code on disk.
-_quasi_random_module.generate_order_inner.enable_caching()
-
-
-class StableQuasiRandom(QuasiRandom):
-    """FFCV's quasi-random order shuffles its page table *in place*, so the order of epoch e
-    depends on which epochs were drawn before it: a resumed run would see other batches than
-    an uninterrupted one. This draws every epoch from a pristine copy of the table."""
-
-    def prepare_data_structures(self):
-        super().prepare_data_structures()
-        self._pristine = self.page_to_samples_array.copy()
-
-    def sample_order(self, epoch: int):
-        self.page_to_samples_array = self._pristine.copy()
-        return super().sample_order(epoch)
-
-
-# Two repairs to FFCV's loading thread (ffcv/loader/epoch_iterator.py), so that an epoch can be
-# left early (the JIT warm-up, a Ctrl-C, an error) and its thread joined at once:
-# 1. it waits forever, on a full queue, to hand over its end-of-epoch marker: a consumer that
-#    left the epoch within its last few batches never takes it, and joining the thread hangs
-#    (seen with the 4-batch test set of cpu_small.yaml). Its queue's blocking puts also give up
-#    once the iterator is closed, and wake every 20 ms to notice that;
-# 2. it dies silently on an exception, and its consumer then waits forever for the next batch.
-#    The exception is recorded and the epoch ended; ``CifarLoader.epoch`` raises it.
-class _ClosableQueue(queue.Queue):
-    closed = None  # the EpochIterator's terminate_event, set when its thread starts
-
-    def put(self, item, block=True, timeout=None):
-        if not block or self.closed is None:
-            return super().put(item, block, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                return super().put(item, timeout=0.02)
-            except queue.Full:
-                if self.closed.is_set():
-                    if timeout is None:
-                        return  # the end-of-epoch marker: nobody will read it
-                    raise  # FFCV's own put loop checks for the close after a Full
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-
-
-def _run_repaired(self):
-    self.output_queue.closed = self.terminate_event
-    try:
-        _ffcv_run(self)
-    except BaseException as e:
-        self.error = e
-        self.output_queue.put(None)
-
-
-_ffcv_run = getattr(EpochIterator.run, 'ffcv_run', EpochIterator.run)  # idempotent on reload
-EpochIterator.run, _run_repaired.ffcv_run = _run_repaired, _ffcv_run
-_epoch_iterator_module.Queue = _ClosableQueue
+apply_loader_patches()  # FFCV's loading thread, repaired for early exits (ffcv_patches.py)
 
 
 # Test hook for the acceptance checks (scripts/check_figures.py): a sleep per training batch, so
@@ -209,10 +167,6 @@ def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_
     if indices is not None and len(loader.indices) and not 0 <= loader.indices.min() <= loader.indices.max() < n:
         # FFCV does not check: it would read out of bounds (a segfault, not an error)
         raise ValueError(f'{path}: sample indices must lie in [0, {n - 1}]')
-    if type(loader.traversal_order) is QuasiRandom:
-        # Loader's `order=` cannot take a custom class (its isinstance check rejects classes,
-        # and instances are not callable); swap the order object after construction.
-        loader.traversal_order = StableQuasiRandom(loader)
-        loader.first_traversal_order = loader.next_traversal_order()
+    stable_quasi_random(loader)  # the same order for epoch e, whatever came before (ffcv_patches.py)
     delay_ms = float(os.environ.get(DELAY_ENV) or 0)
     return CifarLoader(loader, state, delay_ms / 1000 if state is not None else 0.0)

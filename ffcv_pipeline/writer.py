@@ -73,12 +73,12 @@ def _write_beton(path: Path, split, num_workers: int, progress: bool, desc: str)
     import ffcv.writer
     from tqdm import tqdm
 
+    from .ffcv_patches import writer_hooks
     watchdog = WorkerWatchdog()
-    # ffcv's writer shows a bare tqdm bar; give it a name and make it switchable. Its worker
-    # processes are recorded for the watchdog.
-    ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, unit='img', disable=not progress)
-    ffcv.writer.Process = watchdog.process_class  # (its workers also die with this process)
-    ffcv.writer.shared_memory = NamedSharedMemory  # a killed run's segment: freed by the next
+    # ffcv's bare tqdm bar gets a name and a switch; its worker processes go to the watchdog (and
+    # die with this process); its shared memory gets a name a later run can find and free
+    writer_hooks(progress_bar=functools.partial(tqdm, desc=desc, unit='img', disable=not progress),
+                 process_class=watchdog.process_class, shared_memory=NamedSharedMemory)
     writer = ffcv.writer.DatasetWriter(str(path), _ffcv_fields(), num_workers=num_workers)
     try:
         with watchdog:
@@ -156,18 +156,32 @@ def _remove_temps(out_dir: Path, pid: int | None = None) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _load_manifest(out_dir: Path) -> dict | None:
+def read_manifest(folder: str | os.PathLike, *, strict: bool = True) -> dict | None:
+    """``manifest.json`` in ``folder`` (beside the ``.beton`` files): the one reader.
+
+    None if there is none (files written by other tools). An unreadable or corrupt one raises
+    :class:`DatasetError` naming it (``strict``: training and the tools that read it), or gives
+    None (``strict=False``: the converter, for which it only means "convert again")."""
+    path = Path(folder) / MANIFEST_NAME
     try:
-        return json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError(f'a JSON {type(manifest).__name__}, not an object')
+        return manifest
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        if not strict:
+            return None
+        raise DatasetError(f'{path}: unreadable ({e}); rewrite it with '
+                           f'`python scripts/write_datasets.py --force`') from None
 
 
 def is_up_to_date(out_dir: Path, md5: str | None, *, with_beton: bool = True) -> dict | None:
     """The manifest, if ``out_dir`` holds complete outputs for a source with this md5
     (any md5 when ``md5`` is None), written by this format version (with ``.beton`` files
     when ``with_beton``); else None."""
-    m = _load_manifest(out_dir)
+    m = read_manifest(out_dir, strict=False)
     if not m or m.get('format_version') != FORMAT_VERSION or set(m.get('splits', {})) != set(BETON_NAMES):
         return None
     if md5 is not None and m.get('source', {}).get('md5') != md5:

@@ -1,13 +1,16 @@
 """Models for 32x32 inputs. Nothing here knows about data: ``num_classes`` is an argument.
 
-The names below import on first use (PEP 562): ``model.errors`` and ``model.fileio`` are
-standard library only, and the app imports them without pulling in torch."""
+Importing the package is free: ``model.project``, ``model.errors`` and ``model.fileio`` (standard library only)
+serve the data side and the torch-free app; the names below import torch when first used.
+"""
+from importlib import import_module
 
-__all__ = ['ARCHS', 'ResNet', 'build_model', 'count_parameters']
+_EXPORTS = {'ARCHS': 'registry', 'build_model': 'registry', 'use_channels_last': 'registry',
+            'ResNet': 'resnet', 'count_parameters': 'resnet'}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in __all__:
-        from . import resnet
-        return getattr(resnet, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    return getattr(import_module(f'.{_EXPORTS[name]}', __name__), name)

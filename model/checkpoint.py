@@ -33,17 +33,14 @@ import torch
 
 from .fileio import atomic_write
 from .errors import UserError
-from .resnet import ARCHS, INPUT_SIZE, build_model
+from .project import IMAGE_SIZE, RUNS_DIR
+from .registry import ARCHS, build_model
 
 FORMAT = 'cifar100-ffcv-checkpoint'
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'model_config', 'class_names', 'normalization')
 RESUME_KEYS = ('optimizer', 'scaler', 'rng', 'best_top1')  # training state, not inference
 EMA_KEYS = ('raw_model', 'ema')  # with training.ema: the raw training weights and the EMA's counters
-# The repository root (or, in a Hugging Face Space, the folder that holds model/); run folders
-# live in <root>/runs/<name>/ (training's output.dir default).
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RUNS_DIR = 'runs'
 
 
 class CheckpointError(UserError, ValueError):
@@ -96,8 +93,7 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu') -> dict:
 def model_from_checkpoint(ckpt: dict, *, channels_last: bool = True) -> torch.nn.Module:
     """The checkpoint's model with its weights, in eval mode, on the CPU."""
     cfg = ckpt['model_config']
-    model = build_model(cfg['arch'], num_classes=cfg['num_classes'], width=cfg.get('width', 64),
-                        channels_last=channels_last)
+    model = build_model({**cfg, 'channels_last': channels_last})
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
@@ -133,7 +129,7 @@ def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, 
         'fine_to_coarse': [int(c) for c in fine_to_coarse],
         'normalization': {'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
                           'scale': 255},
-        'image_size': INPUT_SIZE, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
+        'image_size': IMAGE_SIZE, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
         'metrics': dict(metrics or {}),
         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'torch_version': str(torch.__version__), **extra,

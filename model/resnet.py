@@ -2,17 +2,14 @@
 
 Differences from the ImageNet model, as usual for CIFAR: a 3x3 stride-1 stem and no max-pool,
 so the four stages run at 32, 16, 8 and 4 pixels. With 100 classes it has 11,220,132
-parameters. Use it in channels-last memory format (``model.to(memory_format=torch.channels_last)``):
-cuDNN's fast conv kernels under AMP are NHWC.
+parameters. Build it with ``model.registry.build_model``, which also picks its memory format
+(channels-last where it is fast and safe: cuDNN's fast conv kernels under AMP are NHWC).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-
-INPUT_SIZE = 32  # pixels per side: CIFAR's images, and the only size the stem is meant for
-
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -35,6 +32,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """For :data:`~model.project.IMAGE_SIZE` pixel inputs: the only size the stem is meant for."""
+
     def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 100,
                  width: int = 64):
         super().__init__()
@@ -58,22 +57,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-ARCHS = {
-    'resnet18': dict(blocks=(2, 2, 2, 2)),
-    'resnet34': dict(blocks=(3, 4, 6, 3)),
-}
-
-
-def build_model(arch: str = 'resnet18', num_classes: int = 100, width: int = 64,
-                channels_last: bool = True) -> ResNet:
-    if arch not in ARCHS:
-        raise ValueError(f'model.arch {arch!r} is not one of {sorted(ARCHS)}')
-    model = ResNet(num_classes=num_classes, width=width, **ARCHS[arch])
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def count_parameters(model: nn.Module) -> int:

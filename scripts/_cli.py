@@ -20,12 +20,14 @@ import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+_CHECKOUT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.find_spec('training')
-if _spec is None or Path(_spec.origin).resolve().parents[1] != ROOT:
-    sys.path.insert(0, str(ROOT))
+if _spec is None or Path(_spec.origin).resolve().parents[1] != _CHECKOUT:
+    sys.path.insert(0, str(_CHECKOUT))
 
 import errno  # noqa: E402
+
+from model.project import PROJECT_ROOT as ROOT  # noqa: E402  (the scripts' --out defaults)
 
 from model.errors import UserError  # noqa: E402
 

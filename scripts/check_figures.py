@@ -43,7 +43,8 @@ def predictor_p50(data_dir: Path, tmp: Path, n: int) -> dict:
     from model.checkpoint import atomic_save, make_checkpoint
     torch.manual_seed(0)
     ckpt = tmp / 'rn18.pt'
-    atomic_save(make_checkpoint(build_model('resnet18'), model_config={'arch': 'resnet18', 'num_classes': 100, 'width': 64},
+    model_config = {'arch': 'resnet18', 'num_classes': 100, 'width': 64}
+    atomic_save(make_checkpoint(build_model(model_config), model_config=model_config,
                                 class_names=FINE_LABEL_NAMES, coarse_names=COARSE_LABEL_NAMES,
                                 fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD), ckpt)
     image = next(iter(sorted((data_dir / 'examples').glob('*.png'))), None)

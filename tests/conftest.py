@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from ffcv_pipeline.constants import BETON_NAMES, COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
-from model.checkpoint import PROJECT_ROOT as ROOT
+from model.project import PROJECT_ROOT as ROOT
 
 PY = sys.executable
 REAL_ARCHIVE = Path(os.environ.get('CIFAR100_ARCHIVE',
@@ -225,7 +225,7 @@ def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
     from model.checkpoint import atomic_save, make_checkpoint
     from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
     torch.manual_seed(seed)
-    model = build_model('resnet18', num_classes=100, width=width)
+    model = build_model({'arch': 'resnet18', 'num_classes': 100, 'width': width, 'channels_last': True})
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -289,11 +289,13 @@ def test_app_main_without_any_model_says_how_to_train(tmp_path, torch_blocker, f
     it starts, the page and every prediction say how to train one. Catches: main() crashing
     (or exiting) when resolve_checkpoint finds nothing. Its first port is taken: serve_app
     must start it again on another (catches: no retry on a lost free-port race)."""
-    from app.export import SPACE_MODULES
+    from app.export import MODEL_FILES, SPACE_MODULES
     bare = tmp_path / 'bare'
-    bare.mkdir()
+    (bare / 'model').mkdir(parents=True)
     for name in SPACE_MODULES['common'] + SPACE_MODULES['onnx'] + SPACE_MODULES['torch']:
         shutil.copy(ROOT / 'app' / name, bare / name)
+    for name in MODEL_FILES['onnx']:  # the shared facts every Space holds (no torch)
+        shutil.copy(ROOT / 'model' / name, bare / 'model' / name)
     env = {'MODEL_PATH': '', 'PYTHONPATH': str(torch_blocker)}  # torch: not needed, not loaded
     with serve_app(None, app_file=bare / 'app.py', env=env) as url:
         assert not url.endswith(f':{first_port_taken}')
@@ -410,7 +412,8 @@ def test_exported_onnx_space_needs_no_torch(onnx_space, space_url, images, refer
     torch, and (served with torch unimportable) it predicts what the torch model predicts."""
     names = {p.name for p in onnx_space.iterdir()}
     assert {'app.py', 'predictor.py', 'model.onnx', 'requirements.txt', 'README.md'} <= names
-    assert not names & {'model.pt', 'model', 'torch_backend.py', 'export.py', 'loadtest.py'}
+    assert not names & {'model.pt', 'torch_backend.py', 'export.py', 'loadtest.py'}
+    assert sorted(p.name for p in (onnx_space / 'model').iterdir()) == ['__init__.py', 'project.py']
     reqs = (onnx_space / 'requirements.txt').read_text()
     pins = [line for line in reqs.splitlines() if '==' in line and not line.startswith('#')]
     assert 'onnxruntime==1.32.0' in pins and not any(p.startswith('torch') for p in pins)

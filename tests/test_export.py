@@ -97,9 +97,10 @@ def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(training_ckpt, 
     names = sorted(p.name for p in space.iterdir())
     # the gallery comes from data_beton/examples (the converter writes it) when there is one
     examples = sorted(p.name for p in (ROOT / 'data_beton' / 'examples').glob('*.png'))[:12]
-    assert names == sorted(['README.md', 'app.py', 'export.json', 'images.py', 'model.onnx',
+    assert names == sorted(['README.md', 'app.py', 'export.json', 'images.py', 'model', 'model.onnx',
                             'modelmeta.py', 'onnx_backend.py', 'predictor.py',
                             'requirements.txt'] + (['examples'] if examples else []))
+    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'project.py']
     assert sorted(p.name for p in (space / 'examples').glob('*')) == examples
     ratio = (space / 'model.onnx').stat().st_size / (fp32 / 'model.onnx').stat().st_size
     assert 0.45 < ratio < 0.55, ratio
@@ -202,7 +203,7 @@ def test_int8_that_loses_accuracy_or_cannot_be_checked_fails_and_writes_nothing(
                              log=lambda *_: None, max_top1_drop=-1.0)
     assert not out.exists() and no_leftovers(tmp_path) == []
     code, _, err = run_main('export', training_ckpt, '--out', out, '--int8', '--data-dir', tmp_path / 'nothing')
-    assert code == 2 and len(err.strip().splitlines()) == 1 and 'cifar100_train.npy: not found' in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'cifar100_train.npy: no such file' in err
     assert 'scripts/write_datasets.py' in err and not out.exists() and no_leftovers(tmp_path) == []
     code, _, err = run_main('export', training_ckpt, '--out', out, '--int8', '--fp16')
     assert code == 2 and '--int8 and --fp16 exclude each other' in err and not out.exists()
@@ -258,7 +259,8 @@ def test_reexport_into_a_space_clone_replaces_only_its_own_files(tmp_path,
                                                                 training_ckpt):
     """Exporting into an existing folder (a clone of the Space repository) replaces the files
     it writes, removes those the previous export wrote and this one does not (torch -> ONNX:
-    model.pt, model/), and leaves .git and the user's files alone."""
+    model.pt, the network's and the checkpoint's model/ files), and leaves .git and the user's
+    files alone."""
     space = tmp_path / 'my-space'
     (space / '.git').mkdir(parents=True)
     (space / '.git' / 'HEAD').write_text('ref: refs/heads/main\n')
@@ -267,7 +269,8 @@ def test_reexport_into_a_space_clone_replaces_only_its_own_files(tmp_path,
     assert (space / 'model.pt').is_file() and (space / 'model' / 'resnet.py').is_file()
     assert run_main('export', training_ckpt, '--out', space, '--onnx', '--space')[0] == 0
     assert (space / 'model.onnx').is_file() and not (space / 'model.pt').exists()
-    assert not (space / 'model').exists() and not (space / 'torch_backend.py').exists()
+    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'project.py']
+    assert not (space / 'torch_backend.py').exists()
     assert (space / '.git' / 'HEAD').read_text() == 'ref: refs/heads/main\n'
     assert (space / '.gitattributes').read_text() == '*.onnx filter=lfs\n'
     assert no_leftovers(tmp_path) == []

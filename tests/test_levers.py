@@ -94,7 +94,7 @@ def test_tta_translate_changes_a_resnets_logits_and_returns_float32():
     from model import build_model
     from training.tta import tta_logits
     torch.manual_seed(0)
-    net = build_model('resnet18', num_classes=10, width=8).eval()
+    net = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8}).eval()
     calls = []
     net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
     x = torch.randn(2, 3, 32, 32)
@@ -211,7 +211,7 @@ def _train_steps(tcfg_overrides: list[str], steps=4, compile_=False):
     from training.step import TrainStep, lr_schedule, make_optimizer
     cfg = load_config('tiny_cpu', tcfg_overrides)
     torch.manual_seed(0)
-    model = build_model('resnet18', num_classes=10, width=8)
+    model = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8})
     opt = make_optimizer(model, cfg.training, torch.device('cpu'))
     net = torch.compile(model) if compile_ else model
     step = TrainStep(net, opt, device=torch.device('cpu'), dtype=torch.float32, label_smoothing=0.1)
@@ -266,7 +266,7 @@ def test_cuda_graph_warm_up_is_undone_and_the_tensor_lr_trains_like_the_float_on
 
     def fresh():
         torch.manual_seed(0)
-        m = build_model('resnet18', num_classes=10, width=8)
+        m = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8})
         return m, TrainStep(m, make_optimizer(m, tc, cpu), device=cpu, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]

@@ -208,7 +208,7 @@ def test_preprocessing_equals_training_normalization_exactly(predictor):
     ref = (torch.from_numpy(batch).permute(0, 3, 1, 2).double()
            - torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
     assert torch.allclose(x.double(), ref, atol=1e-5)
-    # the very op the training/test loaders run (ffcv_pipeline.loaders.Normalize), bit for bit
+    # the very op the training/test loaders run (Normalize, ffcv_pipeline/torch_loader.py), bit for bit
     pytest.importorskip('ffcv', reason='ffcv not installed: the training-side Normalize is unavailable')
     from ffcv_pipeline.loaders import Normalize
     u8 = torch.from_numpy(batch).permute(0, 3, 1, 2)  # what ToTorchImage(channels_last) yields
@@ -259,7 +259,7 @@ def test_optimized_model_matches_plain(ckpt_path):
     assert np.abs(lp).max() > 0.1  # non-trivial logits
     np.testing.assert_allclose(lf, lp, atol=1e-4, rtol=1e-4)
     # fold_batchnorm keeps the original model untouched
-    m = build_model(width=8).eval()
+    m = build_model({'arch': 'resnet18', 'width': 8}).eval()
     fold_batchnorm(m)
     assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
 
@@ -333,7 +333,7 @@ def test_info_reports_the_checkpoint(predictor):
     info = predictor.info()
     assert info['arch'] == 'resnet18' and info['width'] == 8 and info['epoch'] == 40
     assert info['test_top1'] == pytest.approx(0.7512) and info['train_seconds'] == 812.5
-    assert info['parameters'] == sum(p.numel() for p in build_model(width=8).parameters())
+    assert info['parameters'] == sum(p.numel() for p in build_model({'arch': 'resnet18', 'width': 8}).parameters())
     assert info['checkpoint'] == str(predictor.path)
     assert info['backend'].startswith({'torch': 'PyTorch', 'onnx': 'ONNX Runtime'}[predictor.backend.name])
 
@@ -524,7 +524,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError('no C++ compiler')
     monkeypatch.setattr(torch, 'compile', broken)
     with pytest.warns(UserWarning, match='torch.compile failed, serving the eager model'):
-        assert compile_for_cpu(build_model(width=8).eval(), torch.zeros(1, 3, 32, 32)) is None
+        assert compile_for_cpu(build_model({'arch': 'resnet18', 'width': 8}).eval(), torch.zeros(1, 3, 32, 32)) is None
 
 
 # --------------------------------------------------------------------------- CLI

@@ -195,7 +195,7 @@ cfg = load_config('tiny_cpu', ['model.width=8'])
 runs = []
 for eager in (True, False):
     torch.manual_seed(0)
-    m = build_model('resnet18', width=8, channels_last=False)
+    m = build_model({'arch': 'resnet18', 'width': 8, 'channels_last': False})
     step = TrainStep(m, make_optimizer(m, cfg.training, eager=eager), device=torch.device('cpu'), dtype=torch.float32)
     x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8)
     for _ in range(3):

@@ -171,8 +171,11 @@ def test_device_selection(monkeypatch):
     monkeypatch.setattr(R, '_mps_bf16', lambda: False)
     with pytest.raises(ConfigError, match="'bf16' on MPS needs macOS 14"):
         R.resolve_precision('bf16', mps)
-    assert R.use_channels_last(None, mps) is False and R.use_channels_last(True, mps) is True
-    assert R.use_channels_last(None, CPU, width=64) is True and R.use_channels_last(None, CPU, width=8) is False
+    from model import use_channels_last
+    rn18 = {'arch': 'resnet18', 'width': 64}
+    assert use_channels_last({**rn18, 'channels_last': None}, mps) is False
+    assert use_channels_last({**rn18, 'channels_last': True}, mps) is True
+    assert use_channels_last(rn18, CPU) is True and use_channels_last({**rn18, 'width': 8}, CPU) is False
     assert R.accum_dtype(mps) == torch.float32 and R.accum_dtype(CPU) == torch.float64
     from training.distributed import DistInfo
     with pytest.raises(ConfigError, match="'mps' does not support torchrun"):

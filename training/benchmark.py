@@ -37,11 +37,12 @@ import torch
 from ffcv_pipeline import ffcv_version
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
 from ffcv_pipeline.data import build_data
-from model import build_model
+from model import build_model, use_channels_last
+from model.project import IMAGE_SIZE
 
 from .config import ROOT, load_config
 from .runtime import (dtype_name, resolve_device, resolve_precision, sync, usable_cores,
-                      use_channels_last, workers_per_process)
+                      workers_per_process)
 from .step import TrainStep, make_optimizer
 
 LOADERS = ('ffcv', 'torchvision', 'classic')
@@ -116,7 +117,7 @@ class Bench:
         cfg = self.config(f'data.loader={loader}', f'data.train_per_class={per_class}',
                           *([f'data.batch_size={batch}'] if batch else []))
         return build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
-                          channels_last=use_channels_last(cfg.model.channels_last, self.dev, cfg.model.width))
+                          channels_last=use_channels_last(cfg.model, self.dev))
 
     def loader(self, kind: str) -> dict:
         if kind == 'classic':
@@ -154,9 +155,8 @@ class Bench:
     def step(self, *, dtype: torch.dtype, channels_last: bool, compile: bool = False):
         """The trainer's step on a fresh model of the config's architecture."""
         torch.manual_seed(0)
-        m, tc = self.cfg.model, self.cfg.training
-        model = build_model(m.arch, num_classes=m.num_classes, width=m.width,
-                            channels_last=channels_last).to(self.dev)
+        tc = self.cfg.training
+        model = build_model({**self.cfg.model, 'channels_last': channels_last}, device=self.dev)
         net = torch.compile(model) if compile else model
         step = TrainStep(net, make_optimizer(model, tc), device=self.dev, dtype=dtype,
                          label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip)
@@ -168,7 +168,7 @@ class Bench:
         steps = self.s.model_steps or (50 if self.cuda else 5)
         step = self.step(dtype=dtype, channels_last=channels_last, compile=compile)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(batch, 3, 32, 32, device=self.dev).contiguous(memory_format=fmt)
+        x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=self.dev).contiguous(memory_format=fmt)
         y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.dev)
         t = time.perf_counter()
         for _ in range(3 if compile else 2 if not self.cuda else 10):  # compile, autotune, warm up
@@ -189,35 +189,27 @@ class Bench:
         per_class = self.s.epoch_per_class if self.s.epoch_per_class >= 0 else 0 if self.cuda else 10
         batch = None if self.cuda else (self.s.model_batch or 32)
         train = self.data(kind, per_class, batch).train
-        cl = use_channels_last(self.cfg.model.channels_last, self.dev, self.cfg.model.width)
+        cl = use_channels_last(self.cfg.model, self.dev)
         out = time_epochs(train.epoch, 1, self.dev,
                           step=self.step(dtype=self.dtype, channels_last=cl))
         return {**out, 'batch': batch or self.cfg.data.batch_size, 'precision': dtype_name(self.dtype)}
 
     def augmentation_ops(self) -> dict:
-        """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones."""
-        import ffcv.transforms as FT
-        from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-        from ffcv.transforms import ToTensor, ToTorchImage
-        from ffcv_pipeline import ops as O
+        """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones, both
+        through the trainer's own pipeline builder (``loaders.train_pipeline``)."""
+        from ffcv_pipeline.augment import settings
         from ffcv_pipeline.data import resolve_path
-        from ffcv_pipeline.loaders import make_loader
-        from ffcv_pipeline.torch_loader import fill_colour
-        a, fill, out = self.cfg.augment, fill_colour(), {}
+        from ffcv_pipeline.loaders import make_loader, train_pipeline
+        from ffcv_pipeline.ops import AugmentationState
+        cpu, out = torch.device('cpu'), {}
         for name in ('ours', 'ffcv_builtin'):
-            state = O.AugmentationState(0)
-            aug = ([O.RandomHorizontalFlip(state), O.RandomTranslate(state, padding=a.translate, fill=fill),
-                    O.Cutout(state, size=a.cutout, fill=fill)] if name == 'ours' else
-                   [FT.RandomHorizontalFlip(), FT.RandomTranslate(padding=a.translate, fill=fill),
-                    FT.Cutout(a.cutout, fill)])
+            state = AugmentationState(0)
+            pipelines = train_pipeline(device=cpu, dtype=torch.float32, state=state, normalize=False,
+                                       ffcv_builtin=name == 'ffcv_builtin', **settings(self.cfg.augment))
             loader = make_loader(resolve_path(self.cfg.data.train_path, ROOT), batch_size=self.cfg.data.batch_size,
                                  num_workers=self.workers, order='quasi_random', os_cache=True,
-                                 drop_last=True, state=state,
-                                 pipelines={'image': [SimpleRGBImageDecoder(), *aug, ToTensor(),
-                                                      ToTorchImage(channels_last=True)],
-                                            'label': [IntDecoder(), ToTensor()]})
-            out[name] = time_epochs(loader.epoch, self.s.epochs, torch.device('cpu'))['images_per_s_median']
+                                 drop_last=True, state=state, pipelines=pipelines)
+            out[name] = time_epochs(loader.epoch, self.s.epochs, cpu)['images_per_s_median']
         out['speedup'] = round(out['ours'] / out['ffcv_builtin'], 2)
         return out
 
@@ -271,7 +263,7 @@ def run_benchmark(s: Settings, log=print, save: Callable[[dict], None] | None = 
     res: dict = {'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()},
                  'environment': environment(b.dev), 'loaders': {}, 'full_epoch': {}}
     save = save or (lambda _: None)
-    cl = use_channels_last(b.cfg.model.channels_last, b.dev, b.cfg.model.width)
+    cl = use_channels_last(b.cfg.model, b.dev)
     for kind in s.loaders:
         log(f'loader: {kind}, batch {b.cfg.data.batch_size}, {b.workers} workers ...')
         res['loaders'][kind] = b.loader(kind)

@@ -15,9 +15,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.checkpoint import PROJECT_ROOT as ROOT, RUNS_DIR
 from model.errors import UserError
-from model.resnet import INPUT_SIZE
+from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT, RUNS_DIR
 
 CONFIG_DIR = ROOT / 'configs'
 
@@ -177,16 +176,16 @@ def validate(cfg) -> None:
         raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
     if not 0 <= cfg.training.ema < 1:
         raise ConfigError(f'training.ema: the decay must lie in [0, 1) (0 = off), got {cfg.training.ema}')
-    if cfg.training.tta_translate >= INPUT_SIZE // 2:
-        raise ConfigError(f'training.tta_translate: must lie in [0, {INPUT_SIZE // 2 - 1}], got {cfg.training.tta_translate}')
+    if cfg.training.tta_translate >= IMAGE_SIZE // 2:
+        raise ConfigError(f'training.tta_translate: must lie in [0, {IMAGE_SIZE // 2 - 1}], got {cfg.training.tta_translate}')
     if cfg.training.cuda_graph and cfg.training.compile:
         raise ConfigError('training.cuda_graph: captures the eager step; with training.compile use '
                           'training.compile_mode=reduce-overhead (compile\'s own CUDA graphs) instead')
     if cfg.training.warmup_epochs > cfg.training.epochs:
         raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
                           f'training.epochs {cfg.training.epochs}')
-    if cfg.augment.cutout > INPUT_SIZE:
-        raise ConfigError(f'augment.cutout: must lie in [0, {INPUT_SIZE}], got {cfg.augment.cutout}')
+    if cfg.augment.cutout > IMAGE_SIZE:
+        raise ConfigError(f'augment.cutout: must lie in [0, {IMAGE_SIZE}], got {cfg.augment.cutout}')
     dev = cfg.training.device
     if not (dev in ('auto', 'cpu', 'cuda', 'mps') or (dev.startswith('cuda:') and dev[5:].isdigit())):
         raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")

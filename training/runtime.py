@@ -99,18 +99,6 @@ def _mps_bf16() -> bool:
     return bool(check and check(14, 0))
 
 
-def use_channels_last(requested: bool | None, device: torch.device, width: int = 64) -> bool:
-    """``model.channels_last``; ``None`` (auto): on, except
-    - on MPS, where convolution backward ran ~30x slower on channels-last tensors in the torch
-      releases we pin (pytorch#193349);
-    - on the CPU for models narrower than 16 channels: oneDNN's stride-2 1x1 convolution
-      backward writes out of bounds for channels-last inputs with fewer input channels than its
-      16-channel AVX-512 block (oneDNN#6035; seen here as segfaults with torch 2.14.1)."""
-    if requested is not None:
-        return bool(requested)
-    return not (device.type == 'mps' or (device.type == 'cpu' and width < 16))
-
-
 def accum_dtype(device: torch.device) -> torch.dtype:
     """For on-device sums (loss, correct counts): float64, except on MPS, which has none."""
     return torch.float32 if device.type == 'mps' else torch.float64

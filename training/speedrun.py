@@ -26,7 +26,8 @@ from pathlib import Path
 
 from model.fileio import atomic_write_text, check_writable_dir
 
-from ffcv_pipeline.data import read_manifest, resolve_path
+from ffcv_pipeline.data import resolve_path
+from ffcv_pipeline.writer import read_manifest
 
 from .config import ROOT, ConfigError, load_config
 from .budget import format_budget

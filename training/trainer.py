@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ffcv_pipeline import ffcv_version
-from model import build_model, count_parameters
+from model import build_model, count_parameters, use_channels_last
 from model.checkpoint import load_checkpoint
 from model.fileio import DiskFullError
 
@@ -35,8 +35,7 @@ from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
 from .metrics import EpochStats, plot_curves, summarize, write_json
 from .runtime import (configure_backends, device_name, dtype_name, resolve_device,
-                      resolve_precision, seed_everything, sync, use_channels_last,
-                      workers_per_process)
+                      resolve_precision, seed_everything, sync, workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
 from .step import TrainStep, lr_schedule, make_optimizer
 from .ema import EMA
@@ -77,7 +76,7 @@ class Trainer:
             seed_everything(tc.seed)
             configure_backends(deterministic=tc.deterministic)
             self.workers = workers_per_process(cfg.data.num_workers)
-            channels_last = use_channels_last(cfg.model.channels_last, self.device, cfg.model.width)
+            channels_last = use_channels_last(cfg.model, self.device)
         with b.span('data_open'):
             self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT,
                                    workers=self.workers, channels_last=channels_last,
@@ -91,8 +90,7 @@ class Trainer:
     def _build_model(self, channels_last: bool) -> None:
         """Model, optimizer, schedule, step, resumed state and the run folder."""
         cfg, tc, m = self.cfg, self.cfg.training, self.cfg.model
-        self.model = build_model(m.arch, num_classes=m.num_classes, width=m.width,
-                                 channels_last=channels_last).to(self.device)
+        self.model = build_model(m, device=self.device)
         self.layout = 'channels-last' if channels_last else 'NCHW'
         self.n_params = count_parameters(self.model)
         optimizer = make_optimizer(self.model, tc, self.device, eager=not (tc.compile or tc.cuda_graph))

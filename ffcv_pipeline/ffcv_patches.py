@@ -1,0 +1,184 @@
+"""Every change this project makes to ffcv's own code, in one place, written against ffcv 1.0.2.
+
+Each patch names the ffcv internals it relies on; :func:`check` verifies them against the
+installed ffcv, and ``tests/test_ffcv_patches.py`` fails, naming the assumption, when an ffcv
+upgrade breaks one (re-read the patch against the new ffcv, then update :data:`FFCV_VERSION`).
+
+1. :func:`apply_loader_patches` (on importing ``loaders``; idempotent): two repairs to FFCV's
+   loading thread, ``ffcv/loader/epoch_iterator.py``, so that an epoch can be left early (the
+   JIT warm-up, a Ctrl-C, an error) and its thread joined at once.
+   a. ``EpochIterator.run`` waits forever, on a full queue, to hand over its end-of-epoch
+      marker (``self.output_queue.put(None)`` after ``StopIteration``): a consumer that left
+      the epoch within its last few batches never takes it, and joining the thread hangs
+      (seen with the 4-batch test set of cpu_small.yaml). The module's ``Queue`` name (what
+      ``EpochIterator.__init__`` builds ``output_queue`` from) becomes :class:`_ClosableQueue`,
+      whose blocking puts give up once the iterator's ``terminate_event`` is set (checked every
+      20 ms).
+   b. ``EpochIterator.run`` dies silently on an exception, and its consumer then waits forever
+      for the next batch. The wrapped ``run`` records the exception as ``self.error`` and ends
+      the epoch (puts ``None``); ``CifarLoader.epoch`` raises it.
+2. :func:`stable_quasi_random` (per loader): ``QuasiRandom.sample_order`` shuffles its
+   ``page_to_samples_array`` (built by ``prepare_data_structures``) *in place*, so the order of
+   epoch e depends on which epochs were drawn before it; a resumed run would see other batches
+   than an uninterrupted one. :class:`StableQuasiRandom` draws every epoch from a pristine copy.
+   ``Loader(order=...)`` cannot take a custom class (its isinstance check rejects classes, and
+   instances are not callable), so the loader's ``traversal_order`` and ``first_traversal_order``
+   (from ``next_traversal_order()``) are replaced after construction.
+3. :func:`writer_hooks` (per ``.beton`` written): ``DatasetWriter`` shows a bare ``tqdm`` bar,
+   starts ``multiprocessing.Process`` workers and allocates its metadata in ``shared_memory``,
+   all through names in ``ffcv.writer``'s namespace; they are replaced by a named, switchable
+   bar, the watchdog's process class (which records the workers and makes them die with the
+   converter, ``watchdog.py``) and a segment named after this process (freed by a later run).
+4. In :func:`apply_loader_patches`: ``ffcv.traversal_order.quasi_random.generate_order_inner``
+   (a module-level ``@njit``) gets numba's on-disk cache (``enable_caching``).
+0. Not here but in ``ffcv_pipeline.load_ffcv`` (it must run before ffcv is first imported):
+   ``ffcv/fields/rgb_image.py``'s ``IMAGE_MODES`` is built as a plain dict, not a numba typed
+   ``Dict`` (2.5 s less import); checked below too.
+"""
+from __future__ import annotations
+
+import inspect
+import queue
+import time
+
+FFCV_VERSION = '1.0.2'  # the release these patches were written against and tested with
+
+
+# --- 1. the loading thread -----------------------------------------------------------------------
+class _ClosableQueue(queue.Queue):
+    closed = None  # the EpochIterator's terminate_event, set when its thread starts
+
+    def put(self, item, block=True, timeout=None):
+        if not block or self.closed is None:
+            return super().put(item, block, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return super().put(item, timeout=0.02)
+            except queue.Full:
+                if self.closed.is_set():
+                    if timeout is None:
+                        return  # the end-of-epoch marker: nobody will read it
+                    raise  # FFCV's own put loop checks for the close after a Full
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+
+def _run_repaired(self):
+    self.output_queue.closed = self.terminate_event
+    try:
+        _run_repaired.ffcv_run(self)
+    except BaseException as e:
+        self.error = e
+        self.output_queue.put(None)
+
+
+def apply_loader_patches() -> None:
+    """Patch 1 (a and b); a second call (or a reload of this module) changes nothing."""
+    import ffcv.loader.epoch_iterator as module
+    run = module.EpochIterator.run
+    _run_repaired.ffcv_run = getattr(run, 'ffcv_run', run)  # ffcv's own, even if patched before
+    module.EpochIterator.run = _run_repaired
+    module.Queue = _ClosableQueue
+    # 4. FFCV's quasi-random order is a module-level numba function (no closure over data)
+    # compiled in every process (1.2 s on our 2 cores): numba may keep its machine code on disk
+    import ffcv.traversal_order.quasi_random as qr
+    qr.generate_order_inner.enable_caching()
+
+
+# --- 2. a reproducible quasi-random order --------------------------------------------------------
+def _stable_quasi_random_class():
+    from ffcv.traversal_order import QuasiRandom
+
+    class StableQuasiRandom(QuasiRandom):
+        """QuasiRandom whose epoch e's order does not depend on the epochs drawn before it."""
+
+        def prepare_data_structures(self):
+            super().prepare_data_structures()
+            self._pristine = self.page_to_samples_array.copy()
+
+        def sample_order(self, epoch: int):
+            self.page_to_samples_array = self._pristine.copy()
+            return super().sample_order(epoch)
+
+    return StableQuasiRandom
+
+
+_STABLE = []  # the class, made once on first use (subclassing imports ffcv)
+
+
+def stable_quasi_random(loader) -> None:
+    """Patch 2 on one ``ffcv.loader.Loader``: swap its quasi-random order for the stable one."""
+    from ffcv.traversal_order import QuasiRandom
+    if type(loader.traversal_order) is not QuasiRandom:
+        return
+    if not _STABLE:
+        _STABLE.append(_stable_quasi_random_class())
+    loader.traversal_order = _STABLE[0](loader)
+    loader.first_traversal_order = loader.next_traversal_order()
+
+
+# --- 3. the writer's progress bar and worker processes --------------------------------------------
+def writer_hooks(*, progress_bar, process_class, shared_memory=None) -> None:
+    """Patch 3: ``DatasetWriter`` (from here on) uses ``progress_bar(total=...)`` for its bar,
+    ``process_class(target=..., args=...)`` for its workers and ``shared_memory(create=True,
+    size=...)`` for its metadata segment (``ffcv.writer.shared_memory``)."""
+    import ffcv.writer
+    ffcv.writer.tqdm = progress_bar
+    ffcv.writer.Process = process_class
+    if shared_memory is not None:
+        ffcv.writer.shared_memory = shared_memory
+
+
+# --- the assumptions, checked ---------------------------------------------------------------------
+def check() -> list[str]:
+    """What no longer holds in the installed ffcv, one line each (empty: every patch fits)."""
+    from importlib.metadata import PackageNotFoundError, version
+    import ffcv.loader.epoch_iterator as ei
+    import ffcv.loader.loader as ld
+    import ffcv.traversal_order.quasi_random as qr
+    import ffcv.writer as wr
+
+    problems = []
+
+    def need(ok: bool, what: str):
+        if not ok:
+            problems.append(what)
+
+    try:
+        installed = version('ffcv')
+    except PackageNotFoundError:
+        installed = 'unknown'
+    need(installed == FFCV_VERSION, f'ffcv is {installed}, the patches were written against '
+                                    f'{FFCV_VERSION}: re-check each one in ffcv_patches.py')
+    run = getattr(ei.EpochIterator.run, 'ffcv_run', ei.EpochIterator.run)
+    src = inspect.getsource(run)
+    need('self.output_queue.put(None)' in src and 'except StopIteration' in src,
+         '1a: EpochIterator.run no longer ends an epoch with output_queue.put(None) after StopIteration')
+    need('self.terminate_event.is_set()' in src,
+         '1a: EpochIterator.run no longer checks terminate_event after a full queue')
+    init = inspect.getsource(ei.EpochIterator.__init__)
+    need('self.output_queue = Queue(' in init and hasattr(ei, 'Queue'),
+         '1a: EpochIterator.__init__ no longer builds output_queue from the module name Queue')
+    need('self.terminate_event = Event()' in init,
+         '1a/1b: EpochIterator no longer has a terminate_event')
+    sample = inspect.getsource(qr.QuasiRandom.sample_order)
+    prep = inspect.getsource(qr.QuasiRandom.prepare_data_structures)
+    need('self.page_to_samples_array' in sample and 'self.page_to_samples_array =' in prep,
+         '2: QuasiRandom no longer draws from page_to_samples_array built in prepare_data_structures')
+    loader_src = inspect.getsource(ld.Loader)
+    need('self.first_traversal_order = self.next_traversal_order()' in loader_src
+         and 'self.traversal_order' in inspect.getsource(ld.Loader.next_traversal_order),
+         '2: Loader no longer keeps first_traversal_order from traversal_order.sample_order')
+    import ffcv.fields.rgb_image as rgb
+    need(dict(rgb.IMAGE_MODES) == {'jpg': 0, 'raw': 1},
+         '0: ffcv.fields.rgb_image.IMAGE_MODES is no longer the table {jpg: 0, raw: 1} load_ffcv assumes')
+    need(hasattr(qr.generate_order_inner, 'enable_caching'),
+         '4: quasi_random.generate_order_inner is no longer a numba dispatcher')
+    need(hasattr(wr, 'shared_memory'), '3: ffcv.writer no longer allocates through the name shared_memory')
+    write = inspect.getsource(wr.DatasetWriter._write_common)
+    need(hasattr(wr, 'tqdm') and 'tqdm(total=' in write,
+         '3: DatasetWriter no longer makes its bar with the module name tqdm(total=...)')
+    need(hasattr(wr, 'Process') and 'Process(target=' in write,
+         '3: DatasetWriter no longer starts workers with the module name Process(target=...)')
+    return problems
