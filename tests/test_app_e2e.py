@@ -413,7 +413,7 @@ def test_exported_onnx_space_needs_no_torch(onnx_space, space_url, images, refer
     names = {p.name for p in onnx_space.iterdir()}
     assert {'app.py', 'predictor.py', 'model.onnx', 'requirements.txt', 'README.md'} <= names
     assert not names & {'model.pt', 'torch_backend.py', 'export.py', 'loadtest.py'}
-    assert sorted(p.name for p in (onnx_space / 'model').iterdir()) == ['__init__.py', 'project.py']
+    assert sorted(p.name for p in (onnx_space / 'model').iterdir()) == ['__init__.py', 'errors.py', 'project.py']
     reqs = (onnx_space / 'requirements.txt').read_text()
     pins = [line for line in reqs.splitlines() if '==' in line and not line.startswith('#')]
     assert 'onnxruntime==1.32.0' in pins and not any(p.startswith('torch') for p in pins)

@@ -100,7 +100,7 @@ def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(training_ckpt, 
     assert names == sorted(['README.md', 'app.py', 'export.json', 'images.py', 'model', 'model.onnx',
                             'modelmeta.py', 'onnx_backend.py', 'predictor.py',
                             'requirements.txt'] + (['examples'] if examples else []))
-    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'project.py']
+    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'errors.py', 'project.py']
     assert sorted(p.name for p in (space / 'examples').glob('*')) == examples
     ratio = (space / 'model.onnx').stat().st_size / (fp32 / 'model.onnx').stat().st_size
     assert 0.45 < ratio < 0.55, ratio
@@ -269,7 +269,7 @@ def test_reexport_into_a_space_clone_replaces_only_its_own_files(tmp_path,
     assert (space / 'model.pt').is_file() and (space / 'model' / 'resnet.py').is_file()
     assert run_main('export', training_ckpt, '--out', space, '--onnx', '--space')[0] == 0
     assert (space / 'model.onnx').is_file() and not (space / 'model.pt').exists()
-    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'project.py']
+    assert sorted(p.name for p in (space / 'model').iterdir()) == ['__init__.py', 'errors.py', 'project.py']
     assert not (space / 'torch_backend.py').exists()
     assert (space / '.git' / 'HEAD').read_text() == 'ref: refs/heads/main\n'
     assert (space / '.gitattributes').read_text() == '*.onnx filter=lfs\n'

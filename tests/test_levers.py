@@ -177,7 +177,7 @@ def test_ema_run_evaluates_checkpoints_and_exports_the_average(synthetic_betons,
     from training.trainer import Trainer
     run = tmp_path / 'ema'
     over = tiny(synthetic_betons, run, **{'data.loader': 'torchvision', 'training.ema': 0.99,
-                                          'training.ema_every': 2})
+                                          'training.ema_every': 2, 'training.precision': 'fp32'})
     Trainer(load_config('tiny_cpu', over), log=lambda *_: None).run()
     ck = torch.load(run / 'last.pt', weights_only=True)
     assert ck['ema'] == {'decay': 0.99, 'every': 2, 'updates': 8}  # 16 steps, every 2nd
@@ -186,7 +186,8 @@ def test_ema_run_evaluates_checkpoints_and_exports_the_average(synthetic_betons,
     last = json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])
     assert last['test_top1'] != last['test_top1_raw']  # so the checks below tell them apart
     # re-evaluate both weight sets through the trainer's own evaluation of its raw model
-    t = Trainer(load_config('tiny_cpu', tiny(synthetic_betons, tmp_path / 'eval', **{'data.loader': 'torchvision'})),
+    t = Trainer(load_config('tiny_cpu', tiny(synthetic_betons, tmp_path / 'eval', **{'data.loader': 'torchvision',
+                                                                                  'training.precision': 'fp32'})),
                 log=lambda *_: None)
     t.setup()
     try:

@@ -20,6 +20,7 @@ QUIET = dict(log=lambda *_: None)
 def trainer_after_setup(betons, out, **overrides):
     from training.config import load_config
     from training.trainer import Trainer
+    overrides = {'training.precision': 'fp32', **overrides}  # the closed forms below are fp32 maths
     t = Trainer(load_config('tiny_cpu', tiny(betons, out, **overrides)), config_name='recipe', **QUIET)
     t.setup()
     return t
