@@ -47,13 +47,14 @@ class CheckpointError(UserError, ValueError):
     """The file is missing, unreadable, or not one of our checkpoints; one clear line."""
 
 
-def atomic_save(obj, path: str | os.PathLike, *, before_rename=None) -> None:
+def atomic_save(obj, path: str | os.PathLike, *, before_write=None) -> None:
     """``torch.save`` atomically (see :func:`model.fileio.atomic_write`): readers never see a
-    half-written checkpoint, a crash or a full disk mid-write keeps the previous one."""
+    half-written checkpoint, a crash or a full disk mid-write keeps the previous one.
+    ``before_write``: called once the temporary file exists, before the first byte (a test hook)."""
     def write(f):
+        if before_write is not None:
+            before_write()
         torch.save(obj, f)
-        if before_rename is not None:
-            before_rename()
     atomic_write(path, write)
 
 

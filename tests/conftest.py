@@ -134,7 +134,7 @@ def tiny(betons: Path, out: Path, **extra) -> list[str]:
     o = {'data.train_path': betons / BETON_NAMES['train'], 'data.test_path': betons / BETON_NAMES['test'],
          'data.batch_size': 50, 'data.test_batch_size': 100, 'data.num_workers': 2,
          'model.width': 8, 'training.epochs': 2, 'training.lr': 0.2, 'training.warmup_epochs': 0.5,
-         'training.device': 'cpu', 'output.dir': out.parent, 'output.name': out.name,
+         'training.device': 'cpu', 'training.precision': 'fp32', 'output.dir': out.parent, 'output.name': out.name,
          'output.progress': 'off', **extra}
     return [f'{k}={v}' for k, v in o.items()]
 

@@ -106,16 +106,20 @@ def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_
     assert torch.equal(x0, want.float()) and batches[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(synthetic_betons, tmp_path, monkeypatch):
-    """Each checkpoint write sleeps 1 s before its rename (the test hook): the run still ends
-    with the last epoch's last.pt and best.pt complete, and no temporary file. Catches a run
-    that returns without joining the writer thread."""
+def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(ref_run_tv, synthetic_betons, tmp_path, monkeypatch):
+    """Each checkpoint write sleeps 1 s before it writes (the test hook) while training goes on:
+    the run still ends with the last epoch's last.pt complete, epoch 1's checkpoint holds epoch
+    1's weights (those of an uninterrupted run without the delay), and no temporary file is
+    left. Catches a run that returns without joining the writer thread, and a write of the live
+    tensors instead of their snapshot."""
     from training.state import SAVE_DELAY_ENV
     from training.trainer import train
     monkeypatch.setenv(SAVE_DELAY_ENV, '1')
     run = tmp_path / 'run'
-    train('tiny_cpu', tv(synthetic_betons, run), log=lambda *_: None)
+    train('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 20, 'output.save_every': 1}),
+          log=lambda *_: None)
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
+    assert same_weights(ref_run_tv / 'epoch_001.pt', run / 'epoch_001.pt')
     assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']
 
 
@@ -165,8 +169,9 @@ def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-    assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 1
-    assert [p for p in run.glob('.last.pt.*.tmp')]  # the killed write's temporary file
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert same_weights(ref_run_tv / "epoch_001.pt", run / "last.pt")  # epoch 1, complete
+    assert [p for p in run.glob('.last.pt.*.tmp')]  # the killed write's temporary file (empty)
     from training.trainer import train
     train(None, ['output.progress=off'], resume=str(run / 'last.pt'), log=lambda *_: None)
     assert same_weights(ref_run_tv / 'last.pt', run / 'last.pt')
@@ -178,7 +183,8 @@ def ref_run_tv(synthetic_betons, tmp_path_factory):
     """An uninterrupted 2-epoch run (torchvision loader, batch 20)."""
     from training.trainer import train
     out = tmp_path_factory.mktemp('ref') / 'ref'
-    train('tiny_cpu', tv(synthetic_betons, out, **{'data.batch_size': 20}), log=lambda *_: None)
+    train('tiny_cpu', tv(synthetic_betons, out, **{'data.batch_size': 20, 'output.save_every': 1}),
+          log=lambda *_: None)
     return out
 
 

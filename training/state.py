@@ -49,8 +49,9 @@ from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
 
-# Test hook: seconds each checkpoint write sleeps between its last byte and its rename, so that
-# a test can kill -9 a run while a background write is in flight. Unset, it costs nothing.
+# Test hook: seconds each checkpoint write sleeps with its temporary file open, before it writes,
+# so that a test can kill -9 a run while a background write is in flight (or see the training go
+# on while it waits: what is written must be the snapshot). Unset, it costs nothing.
 SAVE_DELAY_ENV = 'CIFAR_CHECKPOINT_DELAY_S'
 
 
@@ -301,7 +302,7 @@ class RunFolder:
         """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names."""
         first = self.path / names[0]
         delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
-        atomic_save(ckpt, first, before_rename=(lambda: time.sleep(delay)) if delay else None)
+        atomic_save(ckpt, first, before_write=(lambda: time.sleep(delay)) if delay else None)
         for n in names[1:]:
             tmp = self.path / f'.{n}.link-{os.getpid()}'
             try:
