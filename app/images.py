@@ -20,7 +20,7 @@ Preparing an image (``prepare_image``) -- the same pixels the model saw in train
     (its support widens with the reduction factor), with ``reducing_gap=3`` (a box reduction to
     >= 3x the target first: 6x faster on a 12 MP photo, 0.3-0.6 grey levels off on average
     versus a full-resolution resize); a 32x32 image is not resampled at all;
-  * normalize exactly as the loaders' ``Normalize`` (``ffcv_pipeline.torch_loader``) does on
+  * normalize exactly as the loaders' ``Normalize`` (``ffcv_pipeline.pixels``) does on
     the training/test data: float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255
     mean/std (bit-identical: the same IEEE float32 operations in the same order), NCHW with
     channels-last memory.
@@ -228,7 +228,7 @@ def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float],
               scale: float = 255) -> np.ndarray:
     """N x 32 x 32 x 3 uint8 -> N x 3 x 32 x 32 float32 (a transposed view of NHWC memory, i.e.
     channels-last strides), normalized with the very float32 operations of the loaders'
-    ``Normalize`` (``ffcv_pipeline.torch_loader``) -- ``(x - mean) * (1 / std)`` -- so the values
+    ``Normalize`` (``ffcv_pipeline.pixels``) -- ``(x - mean) * (1 / std)`` -- so the values
     are bit-identical to what the model saw in training."""
     x = np.asarray(batch, dtype=np.float32)
     mean32 = np.asarray(mean, dtype=np.float32)

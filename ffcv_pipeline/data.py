@@ -91,7 +91,7 @@ def check_arrays(path: Path, *, expected: dict | None = None,
                  reader: str = 'the torchvision loader') -> np.ndarray:
     """The split's memory-mapped arrays, or :class:`DatasetError` naming what is wrong (the one
     check of a ``.npy`` split; ``reader``: who needs it, for the missing-file message)."""
-    from .torch_loader import load_arrays
+    from .pixels import load_arrays
     from .writer import ARRAY_DTYPE
     fix = 'rewrite it with `python scripts/write_datasets.py --force`'
     if not path.is_file():

@@ -31,7 +31,7 @@ from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 from .constants import CIFAR100_MEAN, CIFAR100_STD
 from .ffcv_patches import apply_loader_patches, stable_quasi_random
 from .ops import AugmentationState, Cutout, NormalizeToFloat, RandomHorizontalFlip, RandomTranslate
-from .torch_loader import Normalize, fill_colour, normalization_table
+from .pixels import Normalize, fill_colour, normalization_table
 
 ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM,
           'sequential': OrderOption.SEQUENTIAL}

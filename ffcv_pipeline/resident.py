@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .constants import CIFAR100_MEAN, CIFAR100_STD
-from .torch_loader import load_arrays, normalization_table
+from .pixels import load_arrays, normalization_table
 
 PAD_LABEL = -1
 

@@ -26,7 +26,7 @@ def test_normalize_computes_in_float32_then_rounds_once(dtype):
     channels-last layout, and differs from the old arithmetic in the low dtype (mean and 1/std
     rounded to bf16, then subtract and multiply in bf16) on some pixel. Catches a return to the
     low-precision arithmetic."""
-    from ffcv_pipeline.torch_loader import Normalize
+    from ffcv_pipeline.pixels import Normalize
     x = u8_batch()
     out = Normalize(CIFAR100_MEAN, CIFAR100_STD, dtype)(x)
     f32 = Normalize(CIFAR100_MEAN, CIFAR100_STD, torch.float32)(x)
@@ -44,7 +44,7 @@ def test_normalize_computes_in_float32_then_rounds_once(dtype):
 
 def test_normalize_leaves_a_float_input_alone():
     """The arithmetic is in place on its own copy: a float32 caller's tensor is not modified."""
-    from ffcv_pipeline.torch_loader import Normalize
+    from ffcv_pipeline.pixels import Normalize
     x = u8_batch().float()
     before = x.clone()
     Normalize(dtype=torch.bfloat16)(x)

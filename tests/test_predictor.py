@@ -208,9 +208,9 @@ def test_preprocessing_equals_training_normalization_exactly(predictor):
     ref = (torch.from_numpy(batch).permute(0, 3, 1, 2).double()
            - torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
     assert torch.allclose(x.double(), ref, atol=1e-5)
-    # the very op the training/test loaders run (Normalize, ffcv_pipeline/torch_loader.py), bit for bit
+    # the very op the training/test loaders run (Normalize, ffcv_pipeline/pixels.py), bit for bit
     pytest.importorskip('ffcv', reason='ffcv not installed: the training-side Normalize is unavailable')
-    from ffcv_pipeline.loaders import Normalize
+    from ffcv_pipeline.pixels import Normalize
     u8 = torch.from_numpy(batch).permute(0, 3, 1, 2)  # what ToTorchImage(channels_last) yields
     train_x = Normalize(CIFAR100_MEAN, CIFAR100_STD, dtype=torch.float32)(u8)
     assert torch.equal(train_x, x)

@@ -146,3 +146,34 @@ def test_compiled_run_saves_the_bare_model(synthetic_betons, tmp_path):
     assert last['config']['training']['compile'] is True
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in last['model'])
     model_from_checkpoint(last)
+
+
+def test_the_trainers_evaluation_uses_the_configured_tta(synthetic_betons, tmp_path):
+    """The same weights evaluated by the trainer with ``training.tta`` on and off: with it, the
+    counts are those of the summed logits of each image and its mirror (recomputed here), and
+    they differ from the plain evaluation. Catches an evaluation that ignores the flip TTA."""
+    from training.evaluate import evaluate
+    results = {}
+    for tta in (True, False):
+        t = trainer_after_setup(synthetic_betons, tmp_path / f'tta{tta}', **{'training.tta': tta, 'model.width': 16})
+        try:
+            torch.manual_seed(3)
+            with torch.no_grad():  # varied predictions, which the mirror images change
+                for m in t.model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_mean.uniform_(-0.3, 0.3)
+                        m.running_var.uniform_(0.1, 0.5)
+                t.model.fc.weight.normal_(0, 3.0)
+            results[tta] = t.evaluate()[:2]
+            if tta:
+                t.model.eval()
+                with torch.no_grad():
+                    xs, ys = zip(*t.data.test.epoch(0))
+                    x, y = torch.cat(xs), torch.cat(ys)
+                    logits = t.model(x) + t.model(torch.flip(x, dims=[3]))
+                    keep = y >= 0
+                    want = float((logits.argmax(1)[keep] == y[keep]).float().mean())
+                assert results[tta][0] == pytest.approx(want, abs=1e-9)
+        finally:
+            t.data.close()
+    assert results[True] != results[False]

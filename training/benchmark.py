@@ -131,7 +131,7 @@ class Bench:
         training scripts (and torchvision.datasets.CIFAR100) do per image."""
         import torchvision.transforms as T
         from ffcv_pipeline.data import per_class_indices, resolve_path
-        from ffcv_pipeline.torch_loader import fill_colour, load_arrays
+        from ffcv_pipeline.pixels import fill_colour, load_arrays
         cfg, a = self.cfg, self.cfg.augment
         arrays = load_arrays(resolve_path(cfg.data.train_path, ROOT).with_suffix('.npy'))
         idx = per_class_indices(arrays['label'], self.s.per_class)
