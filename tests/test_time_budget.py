@@ -147,11 +147,17 @@ def test_the_snapshot_is_a_copy_of_the_live_state(synthetic_betons, tmp_path):
         tr.data.close()
 
 
-def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv, synthetic_betons, tmp_path):
+def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(synthetic_betons, tmp_path):
     """A real ``kill -9`` while epoch 2's checkpoint is being written in the background (a 30 s
-    sleep before its rename): last.pt is epoch 1's, complete, and resuming it ends on the
-    uninterrupted run's weights. Catches a write that replaces last.pt before it is complete."""
+    sleep before it writes): last.pt is epoch 1's, complete, and resuming it ends on the
+    uninterrupted run's weights. Every run is ``scripts/train.py`` in its own process, as a user
+    runs it (an in-process reference came out different when this test ran alone: see the
+    session note). Catches a write that replaces last.pt before it is complete."""
     from training.state import SAVE_DELAY_ENV
+    ref = tmp_path / 'ref'
+    r = subprocess.run([PY, 'scripts/train.py', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, ref, **{
+        'data.batch_size': 20, 'output.save_every': 1}))], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / 'killed'
     env = {**os.environ, SAVE_DELAY_ENV: '30', 'PYTHONUNBUFFERED': '1'}
     p = subprocess.Popen([PY, 'scripts/train.py', '--config', 'tiny_cpu',
@@ -170,11 +176,12 @@ def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
-    assert same_weights(ref_run_tv / "epoch_001.pt", run / "last.pt")  # epoch 1, complete
+    assert same_weights(ref / "epoch_001.pt", run / "last.pt")  # epoch 1, complete
     assert [p for p in run.glob('.last.pt.*.tmp')]  # the killed write's temporary file (empty)
-    from training.trainer import train
-    train(None, ['output.progress=off'], resume=str(run / 'last.pt'), log=lambda *_: None)
-    assert same_weights(ref_run_tv / 'last.pt', run / 'last.pt')
+    r = subprocess.run([PY, 'scripts/train.py', '--resume', run / 'last.pt', '--output.progress', 'off'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert same_weights(ref / 'last.pt', run / 'last.pt')
     assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']  # cleaned up
 
 

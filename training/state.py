@@ -127,8 +127,9 @@ class Snapshot:
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, obj):
+        self._from_gpu = False
         out = self._copy(obj, ())
-        if any(b.is_pinned() for b in self.buffers.values()) and torch.cuda.is_available():
+        if self._from_gpu:  # the asynchronous device-to-host copies are done before the write
             torch.cuda.synchronize()
         return out
 
@@ -140,6 +141,7 @@ class Snapshot:
                 # same strides (channels-last weights): the copy is one memcpy
                 buf = torch.empty_like(obj, device='cpu', pin_memory=obj.is_cuda)
                 self.buffers[key] = buf
+            self._from_gpu |= obj.is_cuda
             return buf.copy_(obj, non_blocking=obj.is_cuda)
         if isinstance(obj, dict):
             return {k: self._copy(v, (*key, k)) for k, v in obj.items()}

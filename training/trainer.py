@@ -267,7 +267,6 @@ class Trainer:
         if not self.info.is_main:
             return
         self.run_dir.add_record(record)
-        self._last_record_s = time.perf_counter() - t_log
         t1 = f'{top1:.4f}' if top1 is not None else '-'
         self.log(f'epoch {epoch + 1:3d}/{cfg.training.epochs}  lr {record["lr"]:.4f}  '
                  f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
