@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -285,14 +286,17 @@ class RunFolder:
         if wait:
             self.wait()
 
-    def wait(self) -> None:
-        """Until the checkpoint being written is on disk; raises the error its write met."""
+    def wait(self, *, unless_failing: bool = False) -> None:
+        """Until the checkpoint being written is on disk; raises the error its write met --
+        ``unless_failing``: not while another error is on its way out (that one says more, and
+        the last complete checkpoint is on disk either way)."""
         if self._writer is not None:
             self._writer.join()
             self._writer = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            if not (unless_failing and sys.exc_info()[1] is not None):
+                raise error
 
     def _write_in_background(self, ckpt: dict, names: tuple[str, ...]) -> None:
         try:

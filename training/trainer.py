@@ -7,7 +7,8 @@ Read top to bottom: :meth:`Trainer.setup` builds everything, :meth:`Trainer.run`
 epochs, :meth:`Trainer.train_epoch` runs one :class:`~training.step.TrainStep` per batch,
 :meth:`Trainer.end_epoch` evaluates, logs and checkpoints. What stops a run early (Ctrl-C,
 SIGTERM, a NaN loss) lives in ``guards.py``; the run folder and resuming in ``state.py``;
-device and precision in ``runtime.py``; the data wiring in ``ffcv_pipeline/data.py``.
+device and precision in ``runtime.py``; what the run logs in ``report.py``; the data wiring
+in ``ffcv_pipeline/data.py``.
 
 Data order and augmentation are functions of (seed, epoch), and checkpoints carry everything
 else (weights, optimizer, scaler, step, RNG states), so a resumed run -- even one interrupted
@@ -29,11 +30,12 @@ from model.checkpoint import load_checkpoint
 from model.fileio import DiskFullError
 
 from . import distributed as D
-from .budget import TimeBudget, format_budget
+from . import report
+from .budget import TimeBudget
 from .config import ROOT, ConfigError, load_config, resume_config
 from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
-from .metrics import EpochStats, plot_curves, summarize, write_json
+from .metrics import EpochStats, summarize, write_json
 from .runtime import (configure_backends, device_name, dtype_name, resolve_device,
                       resolve_precision, seed_everything, sync, workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
@@ -124,15 +126,6 @@ class Trainer:
         self.stop = StopRequest()
         self.run_dir.start(cfg, resumed_epochs=self.start.epoch if self.resume else None)
 
-    def warmup_jit(self) -> float:
-        """Compile the FFCV pipelines (numba; the resident test split has none) before timing
-        epochs; returns seconds."""
-        t = time.perf_counter()
-        for loader in (self.data.train, self.data.test):
-            for _ in loader.epoch(0):
-                break  # closing the iterator joins its thread before the next loader starts
-        return time.perf_counter() - t
-
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         try:
@@ -140,28 +133,17 @@ class Trainer:
             return self._run()
         finally:  # a checkpoint in flight is complete on disk before the run ends, however
             if hasattr(self, 'run_dir'):  # it ends (Ctrl-C, SIGTERM, an error)
-                self._wait_for_checkpoint()
+                self.run_dir.wait(unless_failing=True)
                 self.run_dir.close()  # the folder's lock
             if hasattr(self, 'data'):  # the torchvision loader's worker processes end now
                 self.data.close()
-
-    def _wait_for_checkpoint(self) -> None:
-        """Join the background write; its error is raised unless another one is on its way out
-        (that one says more: the last complete checkpoint is on disk either way)."""
-        import sys
-        pending = sys.exc_info()[1]
-        try:
-            self.run_dir.wait()
-        except BaseException:
-            if pending is None:
-                raise
 
     def _run(self) -> dict:
         cfg, main = self.cfg, self.info.is_main
         if main:
             self._log_start()
         with self.budget.span('loader_warmup'):
-            jit_s = self.warmup_jit()
+            jit_s = self.data.warm_up()
         setup_s = self.budget.elapsed()
         if main:
             what = 'FFCV/numba JIT compilation' if self.data.loader == 'ffcv' else 'loader workers starting'
@@ -250,16 +232,9 @@ class Trainer:
             top1, top5, eval_s, n_test = self.evaluate()
             self.budget.add('evaluation', eval_s)
         t_log = time.perf_counter()
-        record = {
-            'epoch': epoch + 1, 'lr': float(self.lrs[self.step - 1]),
-            'train_loss': tot['loss_sum'] / tot['seen'], 'train_acc': tot['correct'] / tot['seen'],
-            'test_top1': top1, 'test_top5': top5,
-            'epoch_seconds': round(stats.seconds, 4), 'eval_seconds': round(eval_s, 4),
-            'data_wait_fraction': round(stats.wait_s / stats.seconds, 5),
-            'train_images_per_s': round(tot['seen'] / stats.seconds, 1),
-            'train_images': tot['seen'], 'test_images': n_test,
-            'wallclock_s': round(self._elapsed(), 3),
-        }
+        record = report.epoch_record(epoch + 1, lr=float(self.lrs[self.step - 1]), totals=tot, top1=top1,
+                                     top5=top5, seconds=stats.seconds, wait_s=stats.wait_s, eval_s=eval_s,
+                                     test_images=n_test, wallclock_s=self._elapsed())
         if self.ema and last:  # did the average pay? (after the clock reading: not on the time to target)
             record['test_top1_raw'] = self.evaluate(raw=True)[0]
         improved = top1 is not None and top1 > self.best_top1
@@ -267,11 +242,7 @@ class Trainer:
         if not self.info.is_main:
             return
         self.run_dir.add_record(record)
-        t1 = f'{top1:.4f}' if top1 is not None else '-'
-        self.log(f'epoch {epoch + 1:3d}/{cfg.training.epochs}  lr {record["lr"]:.4f}  '
-                 f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
-                 f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
-                 f'{stats.seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
+        self.log(report.epoch_line(record, epochs=cfg.training.epochs, seconds=stats.seconds, eval_s=eval_s))
         self.budget.add('logging', time.perf_counter() - t_log)
         names = ['last.pt'] + (['best.pt'] if improved else [])
         if cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0:
@@ -297,24 +268,14 @@ class Trainer:
             gpu=device_name(self.device) if self.device.type == 'cuda' else None,
             precision=dtype_name(self.dtype), params=self.n_params, loader=self.data.loader,
             torch_version=str(torch.__version__), ffcv_version=ffcv_version() if self.data.loader == 'ffcv' else None)
-        if cfg.output.plot and records:
-            best = summary['best_top1']
-            try:  # the budget so far (the plot's own time goes to `end` after it)
-                plot_curves(records, self.run_dir.path / 'curves.png', target=cfg.training.target_top1,
-                            title=self.config_name + (f': best top-1 {best:.4f}' if best is not None else ''),
-                            budget=self.budget.report())
-            except ImportError as e:  # a bare GPU host without matplotlib: the figures are in the JSON
-                self.log(f'note: no curves.png ({e})')
+        if cfg.output.plot and records:  # with the budget so far (the plot's own time goes to `end`)
+            report.plot_run(records, summary, self.run_dir.path / 'curves.png', target=cfg.training.target_top1,
+                            budget=self.budget.report(), log=self.log)
         self.budget.add('end', time.perf_counter() - t_end)
         summary['time_budget'] = self.budget.report()
         write_json(self.run_dir.path / 'summary.json', summary)
-        fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')
-        tt, target = summary['time_to_target_s'], cfg.training.target_top1
-        reached = (f'reached {target:.0%} at {tt:.1f} s (epoch {summary["epoch_reached_target"]})'
-                   if tt is not None else f'did not reach {target:.0%}')
-        self.log(f'done: best top-1 {fmt(summary["best_top1"])}, final {fmt(summary["final_top1"])}, '
-                 f'{reached}; total {summary["total_seconds"]:.1f} s; {self.run_dir.path}/summary.json')
-        self.log(f'time budget: {format_budget(summary["time_budget"])}')
+        for line in report.done_lines(summary, target=cfg.training.target_top1):
+            self.log(line)
         return summary
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -342,46 +303,24 @@ class Trainer:
     def _check_progress(self, stats: EpochStats, epoch: int, b: int, bar, seconds: float) -> None:
         """Every few steps: stop on a NaN/inf loss; update the progress bar."""
         check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {self.step})',
-                     hint=lambda: self._diverged_hint(epoch))
+                     hint=lambda: report.diverged_hint(self.run_dir.path, lr=self.cfg.training.lr,
+                                                       epoch=epoch))
         if not bar.disable:
             bar.set_postfix(img_s=f'{stats.seen / (seconds + stats.seconds):.0f}',
                             loss=f'{(stats.loss_sum / stats.seen).item():.3f}')
 
-    def _diverged_hint(self, epoch: int) -> str:
-        """What is really on disk: the last good checkpoint, or that there is none yet."""
-        lower = f'--training.lr lower than {self.cfg.training.lr}'
-        last = self.run_dir.path / 'last.pt'
-        if not last.is_file():
-            return (f'no checkpoint was written ({self.run_dir.path} has none: the loss diverged before '
-                    f'the first epoch ended); start again with a {lower}')
-        return (f'the last good checkpoint is {last} (after epoch {epoch}); resume from it with '
-                f'a {lower}: python scripts/train.py --resume {last} --training.lr LR')
-
     def _progress_bar(self, epoch: int):
-        import sys
-        from tqdm import tqdm
-        mode = self.cfg.output.progress
-        show = self.info.is_main and (sys.stderr.isatty() if mode is None else mode)
-        n = len(self.data.train)
-        return tqdm(total=n, initial=self.start.batch if epoch == self.start.epoch else 0,
-                    desc=f'epoch {epoch + 1}/{self.cfg.training.epochs}', unit='batch',
-                    disable=not show, leave=False, dynamic_ncols=True)
+        initial = self.start.batch if epoch == self.start.epoch else 0
+        return report.progress_bar(self.cfg.output.progress, is_main=self.info.is_main,
+                                   total=len(self.data.train), initial=initial,
+                                   desc=f'epoch {epoch + 1}/{self.cfg.training.epochs}')
 
     def _log_start(self) -> None:
-        cfg, d = self.cfg, self.data
-        if self.resume:
-            self.log(f'resuming {self.resume} at {self.start.describe()}')
-        for notice in d.notices:
-            self.log(notice)
-        self.log(f'{cfg.model.arch} ({self.n_params:,} parameters) on {self.device} '
-                 f'[{dtype_name(self.dtype)}, {self.layout}, world size {self.info.world_size}], '
-                 f'{len(d.train) * cfg.data.batch_size:,} training images/process, batch '
-                 f'{cfg.data.batch_size}, {len(d.train)} steps/epoch, {d.loader} loader with '
-                 f'{self.workers} workers; run folder {self.run_dir.path}')
-        if self.device.type == 'cpu' and self.n_params > 5_000_000 and d.train.num_samples > 10_000:
-            self.log('note: training a full-size model on the CPU (no GPU found): expect ~50 images/s '
-                     'on 2 cores, ~15 min per CIFAR-100 epoch. For a quick check use '
-                     '--config cpu_small.yaml')
+        for line in report.start_lines(
+                self.cfg, self.data, n_params=self.n_params, device=self.device, dtype=self.dtype,
+                layout=self.layout, world_size=self.info.world_size, workers=self.workers,
+                run_dir=self.run_dir.path, resumed=self.resume, position=self.start.describe()):
+            self.log(line)
 
 
 def train(config: str | None, overrides: list[str] | None = None, resume: str | None = None,

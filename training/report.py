@@ -1,0 +1,97 @@
+"""What a training run tells its user: the start line, the progress bar, the per-epoch line,
+the end lines, and the hint when the loss diverges. Pure functions of the run's state, so the
+trainer's loop stays readable and a change of wording is one place.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .budget import format_budget
+from .runtime import dtype_name
+
+
+def start_lines(cfg, data, *, n_params: int, device, dtype, layout: str, world_size: int,
+                workers: int, run_dir: Path, resumed: str | None, position: str) -> list[str]:
+    """The lines a run opens with: resuming from where, the data notices, what trains on what."""
+    lines = [f'resuming {resumed} at {position}'] if resumed else []
+    lines += list(data.notices)
+    steps = len(data.train)
+    lines.append(f'{cfg.model.arch} ({n_params:,} parameters) on {device} '
+                 f'[{dtype_name(dtype)}, {layout}, world size {world_size}], '
+                 f'{steps * cfg.data.batch_size:,} training images/process, batch '
+                 f'{cfg.data.batch_size}, {steps} steps/epoch, {data.loader} loader with '
+                 f'{workers} workers; run folder {run_dir}')
+    if device.type == 'cpu' and n_params > 5_000_000 and data.train.num_samples > 10_000:
+        lines.append('note: training a full-size model on the CPU (no GPU found): expect ~50 images/s '
+                     'on 2 cores, ~15 min per CIFAR-100 epoch. For a quick check use '
+                     '--config cpu_small.yaml')
+    return lines
+
+
+def progress_bar(mode: bool | None, *, is_main: bool, total: int, initial: int, desc: str):
+    """A tqdm bar over the epoch's batches, on rank 0; ``mode`` None: only on a terminal."""
+    from tqdm import tqdm
+    show = is_main and (sys.stderr.isatty() if mode is None else mode)
+    return tqdm(total=total, initial=initial, desc=desc, unit='batch', disable=not show,
+                leave=False, dynamic_ncols=True)
+
+
+def epoch_record(epoch: int, *, lr: float, totals: dict, top1, top5, seconds: float, wait_s: float,
+                 eval_s: float, test_images: int, wallclock_s: float) -> dict:
+    """One line of ``metrics.jsonl``: ``epoch`` counts from 1; ``top1``/``top5`` None when the
+    epoch was not evaluated; ``seconds`` the epoch's training loop, of which ``wait_s`` waiting
+    for data."""
+    seen = totals['seen']
+    return {
+        'epoch': epoch, 'lr': lr,
+        'train_loss': totals['loss_sum'] / seen, 'train_acc': totals['correct'] / seen,
+        'test_top1': top1, 'test_top5': top5,
+        'epoch_seconds': round(seconds, 4), 'eval_seconds': round(eval_s, 4),
+        'data_wait_fraction': round(wait_s / seconds, 5),
+        'train_images_per_s': round(seen / seconds, 1),
+        'train_images': seen, 'test_images': test_images,
+        'wallclock_s': round(wallclock_s, 3),
+    }
+
+
+def epoch_line(record: dict, *, epochs: int, seconds: float, eval_s: float) -> str:
+    top1 = record['test_top1']
+    t1 = f'{top1:.4f}' if top1 is not None else '-'
+    return (f'epoch {record["epoch"]:3d}/{epochs}  lr {record["lr"]:.4f}  '
+            f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
+            f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
+            f'{seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
+
+
+def done_lines(summary: dict, *, target: float) -> list[str]:
+    """The run's last two lines: the result against the target, and where the time went."""
+    fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')
+    tt = summary['time_to_target_s']
+    reached = (f'reached {target:.0%} at {tt:.1f} s (epoch {summary["epoch_reached_target"]})'
+               if tt is not None else f'did not reach {target:.0%}')
+    return [f'done: best top-1 {fmt(summary["best_top1"])}, final {fmt(summary["final_top1"])}, '
+            f'{reached}; total {summary["total_seconds"]:.1f} s; {summary["run_dir"]}/summary.json',
+            f'time budget: {format_budget(summary["time_budget"])}']
+
+
+def plot_run(records: list[dict], summary: dict, path: Path, *, target: float, budget: dict, log) -> None:
+    """``curves.png``; on a bare GPU host without matplotlib, one note (the figures are in the JSON)."""
+    from .metrics import plot_curves
+    best = summary['best_top1']
+    try:
+        plot_curves(records, path, target=target, budget=budget,
+                    title=summary['config'] + (f': best top-1 {best:.4f}' if best is not None else ''))
+    except ImportError as e:
+        log(f'note: no curves.png ({e})')
+
+
+def diverged_hint(run_dir: Path, *, lr: float, epoch: int) -> str:
+    """What is really on disk when the loss diverges: the last good checkpoint, or none yet."""
+    lower = f'--training.lr lower than {lr}'
+    last = run_dir / 'last.pt'
+    if not last.is_file():
+        return (f'no checkpoint was written ({run_dir} has none: the loss diverged before '
+                f'the first epoch ended); start again with a {lower}')
+    return (f'the last good checkpoint is {last} (after epoch {epoch}); resume from it with '
+            f'a {lower}: python scripts/train.py --resume {last} --training.lr LR')
