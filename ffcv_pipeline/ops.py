@@ -251,8 +251,8 @@ class Cutout(_RandomOp):
 
 class NormalizeToFloat(Operation):
     """uint8 NHWC -> float32 ``(x - mean) / std`` (the CPU path, where the "device" is the CPU),
-    through a lookup table of the correctly rounded values (as FFCV's ``NormalizeImage``), with a
-    cached kernel instead of FFCV's per-process JIT."""
+    through a lookup table (as FFCV's ``NormalizeImage``) of ``Normalize``'s float32 values
+    (``pixels.normalization_table``), with a cached kernel instead of FFCV's per-process JIT."""
 
     def __init__(self, table: np.ndarray):
         super().__init__()

@@ -9,8 +9,8 @@ pipeline (whose numba JIT costs ~1 s per process) and no loading thread. Every b
 same shape -- the training batch size -- so cuDNN tunes no second set of kernels; the last
 batch is padded with blank images whose label is :data:`PAD_LABEL` (-1), which no prediction
 matches and which the evaluation does not count (``(y >= 0).sum()``). Normalization looks
-each value up in :func:`~ffcv_pipeline.torch_loader.normalization_table` (float32, correctly
-rounded: the numbers FFCV's CPU pipeline gives), then casts to the dtype.
+each value up in :func:`~ffcv_pipeline.pixels.normalization_table` (float32: the very numbers
+the loaders' ``Normalize`` computes), then casts to the dtype.
 """
 from __future__ import annotations
 

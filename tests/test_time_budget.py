@@ -87,8 +87,9 @@ def test_resident_evaluation_equals_the_loader_evaluation(synthetic_betons, tmp_
 
 def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_betons):
     """Every batch of the resident split has the training batch shape; the padding labels are
-    -1; the normalized pixels equal (x - mean) / std. Catches a short last batch (a second cuDNN
-    shape) and padding labels that are real classes."""
+    -1; the normalized pixels are (x - mean) / std (to float32 rounding; the bits are the
+    loaders' own: test_every_normalization_path_gives_the_same_bits). Catches a short last
+    batch (a second cuDNN shape) and padding labels that are real classes."""
     import numpy as np
     from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
     from ffcv_pipeline.resident import PAD_LABEL, ResidentSplit, read_split
@@ -103,7 +104,7 @@ def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_
     x0 = batches[0][0][0]
     want = (torch.from_numpy(images[0]).permute(2, 0, 1).double() - torch.tensor(CIFAR100_MEAN, dtype=torch.float64).view(3, 1, 1)) \
         / torch.tensor(CIFAR100_STD, dtype=torch.float64).view(3, 1, 1)
-    assert torch.equal(x0, want.float()) and batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert (x0.double() - want).abs().max() < 1e-6 and batches[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(ref_run_tv, synthetic_betons, tmp_path, monkeypatch):
