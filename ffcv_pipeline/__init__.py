@@ -21,8 +21,13 @@ def load_ffcv() -> None:
     read from Python (``generate_code`` captures the ints; ``encode`` runs in Python), so a plain
     dict behaves the same: ``numba.typed.Dict`` is ``dict`` for the duration of that one import.
     Every module of ours that imports ffcv calls this first; tests/test_loaders.py checks the
-    assumption (a plain dict with those two entries, numba's Dict restored)."""
+    assumption (a plain dict with those two entries, numba's Dict restored). It also applies
+    patch 5 of ``ffcv_patches`` (ffcv leaves torch's thread count alone)."""
     import sys
+    import torch
+    # ffcv's import sets torch's thread count to 1 (ffcv_patches, patch 5): what it is now is
+    # torch's own count, unless ffcv was imported before (then it is not known, and left alone)
+    torch_threads = None if 'ffcv.pipeline.compiler' in sys.modules else torch.get_num_threads()
     if 'ffcv.fields.rgb_image' not in sys.modules:
         import numba.typed
         saved = vars(numba.typed).get('Dict')  # numba loads its Dict lazily: maybe not yet there
@@ -35,6 +40,8 @@ def load_ffcv() -> None:
             else:
                 numba.typed.Dict = saved
     import ffcv.loader  # noqa: F401
+    from .ffcv_patches import keep_torch_threads
+    keep_torch_threads(torch_threads)
 
 
 def ffcv_import_error() -> str | None:

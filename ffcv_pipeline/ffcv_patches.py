@@ -31,6 +31,13 @@ upgrade breaks one (re-read the patch against the new ffcv, then update :data:`F
    converter, ``watchdog.py``) and a segment named after this process (freed by a later run).
 4. In :func:`apply_loader_patches`: ``ffcv.traversal_order.quasi_random.generate_order_inner``
    (a module-level ``@njit``) gets numba's on-disk cache (``enable_caching``).
+5. :func:`keep_torch_threads` (from ``load_ffcv``, once ffcv is imported):
+   ``ffcv.pipeline.compiler.Compiler.set_num_threads`` sets torch's intra-op thread count as
+   well as numba's, at ffcv's import (to 1) and whenever a ``Loader`` is built or an epoch
+   starts (to its ``num_workers``). Torch's count then depended on whether ffcv had been
+   imported: a process that had imported it trained on 1 thread (and other bits) where a fresh
+   one used every core. The patched classmethod sets numba's threads only; torch's count is put
+   back to what it was before ffcv was imported.
 0. Not here but in ``ffcv_pipeline.load_ffcv`` (it must run before ffcv is first imported):
    ``ffcv/fields/rgb_image.py``'s ``IMAGE_MODES`` is built as a plain dict, not a numba typed
    ``Dict`` (2.5 s less import); checked below too.
@@ -130,6 +137,29 @@ def writer_hooks(*, progress_bar, process_class, shared_memory=None) -> None:
         ffcv.writer.shared_memory = shared_memory
 
 
+# --- 5. torch's thread count is torch's -------------------------------------------------------------
+def _numba_threads_only(cls, n):
+    from multiprocessing import cpu_count
+    import numba
+    n = n if n >= 1 else cpu_count()  # ffcv's own rule, less its torch.set_num_threads(n)
+    cls.num_threads = n
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def keep_torch_threads(torch_threads: int | None) -> None:
+    """Patch 5: ``Compiler.set_num_threads`` leaves torch alone from here on, and torch gets
+    back the ``torch_threads`` it had before ffcv's import set it to 1 (None: unknown, as ffcv
+    was imported before ``load_ffcv``; left as it is). Once: a second call, or one after a
+    reload of this module, changes nothing."""
+    import torch
+    from ffcv.pipeline.compiler import Compiler
+    if Compiler.set_num_threads.__func__.__name__ != _numba_threads_only.__name__:
+        _numba_threads_only.ffcv_source = inspect.getsource(Compiler.set_num_threads)  # for check()
+        Compiler.set_num_threads = classmethod(_numba_threads_only)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+
+
 # --- the assumptions, checked ---------------------------------------------------------------------
 def check() -> list[str]:
     """What no longer holds in the installed ffcv, one line each (empty: every patch fits)."""
@@ -175,6 +205,13 @@ def check() -> list[str]:
          '0: ffcv.fields.rgb_image.IMAGE_MODES is no longer the table {jpg: 0, raw: 1} load_ffcv assumes')
     need(hasattr(qr.generate_order_inner, 'enable_caching'),
          '4: quasi_random.generate_order_inner is no longer a numba dispatcher')
+    import ffcv.pipeline.compiler as comp
+    set_threads = comp.Compiler.set_num_threads.__func__
+    own = getattr(set_threads, 'ffcv_source', None) or inspect.getsource(set_threads)
+    need(own.count('set_num_threads(n)') == 2 and 'cls.num_threads = n' in own,
+         '5: Compiler.set_num_threads no longer just sets cls.num_threads, numba\'s and torch\'s threads')
+    need('Compiler.set_num_threads(' in inspect.getsource(ld.Loader.__init__),
+         '5: Loader no longer sets the threads through Compiler.set_num_threads')
     need(hasattr(wr, 'shared_memory'), '3: ffcv.writer no longer allocates through the name shared_memory')
     write = inspect.getsource(wr.DatasetWriter._write_common)
     need(hasattr(wr, 'tqdm') and 'tqdm(total=' in write,

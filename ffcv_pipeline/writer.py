@@ -62,6 +62,8 @@ class _SplitDataset:
 
 
 def _ffcv_fields():
+    from . import load_ffcv
+    load_ffcv()
     from ffcv.fields import IntField, RGBImageField
     return {'image': RGBImageField(write_mode='raw'), 'label': IntField(),
             'coarse_label': IntField()}
