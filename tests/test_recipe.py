@@ -152,7 +152,6 @@ def test_the_trainers_evaluation_uses_the_configured_tta(synthetic_betons, tmp_p
     """The same weights evaluated by the trainer with ``training.tta`` on and off: with it, the
     counts are those of the summed logits of each image and its mirror (recomputed here), and
     they differ from the plain evaluation. Catches an evaluation that ignores the flip TTA."""
-    from training.evaluate import evaluate
     results = {}
     for tta in (True, False):
         t = trainer_after_setup(synthetic_betons, tmp_path / f'tta{tta}', **{'training.tta': tta, 'model.width': 16})

@@ -302,7 +302,7 @@ def test_full_disk_while_writing_metrics_summary_or_plot(synthetic_betons, tmp_p
         return real_fsync(fd)
     monkeypatch.setattr(F.os, 'fsync', fsync)
     run = tmp_path / 'run'
-    code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, run)))
+    code, out, err = run_main('train', '--config', 'tiny_cpu', *as_cli(tv(synthetic_betons, run, **{'output.plot': True})))
     assert code == 2 and err.startswith(f'error: {run / victim}: the disk is full'), err
     assert len(err.strip().splitlines()) == 1
     assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']
