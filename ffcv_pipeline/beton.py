@@ -94,16 +94,29 @@ def _describe(fields: dict) -> str:
 RAW_MODE = 1  # ffcv's RGBImageField IMAGE_MODES['raw']: pixels stored as they are (what we write)
 
 
-def read_beton_images(path: str | os.PathLike, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC images, int64 fine labels) of a raw-mode CIFAR ``.beton``, read with numpy
-    (no loader, no JIT): the resident test set's source. ``indices``: a subset, in that order."""
+def _reader(path: str | os.PathLike):
     from . import load_ffcv
     load_ffcv()
     from ffcv.reader import Reader
-    reader = Reader(str(path))
-    names = list(reader.handlers)
-    image = reader.metadata[f'f{names.index("image")}']
-    labels = np.asarray(reader.metadata[f'f{names.index("label")}']).astype(np.int64).ravel()
+    return Reader(str(path))
+
+
+def _column(reader, field: str) -> np.ndarray:
+    """One field's metadata column (for an image: mode, size, pointer per sample)."""
+    return reader.metadata[f'f{list(reader.handlers).index(field)}']
+
+
+def beton_labels(path: str | os.PathLike) -> np.ndarray:
+    """Fine labels of a ``.beton``, read from its metadata table (no decoding)."""
+    return np.asarray(_column(_reader(path), 'label')).astype(np.int64).ravel()
+
+
+def read_beton_images(path: str | os.PathLike, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC images, int64 fine labels) of a raw-mode CIFAR ``.beton``, read with numpy
+    (no loader, no JIT): the resident test set's source. ``indices``: a subset, in that order."""
+    reader = _reader(path)
+    image = _column(reader, 'image')
+    labels = np.asarray(_column(reader, 'label')).astype(np.int64).ravel()
     idx = np.arange(len(labels)) if indices is None else np.asarray(indices)
     if np.any(image['mode'][idx] != RAW_MODE):
         raise DatasetError(f'{path}: holds JPEG-compressed images; the resident test set reads raw '

@@ -57,15 +57,6 @@ def resolve_path(p: str | Path, root: Path) -> Path:
     return Path(p) if Path(p).is_absolute() else root / p
 
 
-def beton_labels(path: str | Path) -> np.ndarray:
-    """Fine labels of a ``.beton``, read from its metadata table (no decoding)."""
-    from . import load_ffcv
-    load_ffcv()
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    return np.asarray(reader.metadata[f'f{list(reader.handlers).index("label")}']).astype(np.int64).ravel()
-
-
 def per_class_indices(labels: np.ndarray, per_class: int) -> np.ndarray | None:
     """The first ``per_class`` indices of every class (sorted), or None for all."""
     if per_class <= 0:
@@ -137,7 +128,7 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
         notices.append(f'warning: data.train_path {paths[0]} is the TEST split (manifest.json); '
                        f'test accuracy will be meaningless')
     if kind == 'ffcv':
-        from .beton import check_beton
+        from .beton import beton_labels, check_beton
         for p, e in zip(paths, (train_entry, test_entry)):
             check_beton(p, expected=e)
         train_labels, test_labels = beton_labels(paths[0]), beton_labels(paths[1])

@@ -6,7 +6,8 @@
 
 All augmentation runs in numba-compiled ops on uint8 (``ops.py``); it is faster to move uint8
 to the device and convert there than to ship floats. On the CPU there is no device copy, and
-normalization is FFCV's numba ``NormalizeImage`` (float32 out; autocast handles bf16).
+normalization is our cached-kernel ``ops.NormalizeToFloat`` (a lookup table, float32 out;
+autocast handles bf16).
 """
 from __future__ import annotations
 

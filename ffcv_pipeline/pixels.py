@@ -44,8 +44,8 @@ class Normalize(torch.nn.Module):
 
 def normalization_table(mean=CIFAR100_MEAN, std=CIFAR100_STD) -> np.ndarray:
     """(256, channels) float32: :class:`Normalize`'s own arithmetic -- float32
-    ``(v - mean) * (1 / std)`` -- for every uint8 value ``v``. The CPU pipeline and the resident
-    test split look values up here, so every path gives the same bits for the same pixel (a
+    ``(v - mean) * (1 / std)`` -- for every uint8 value ``v``. FFCV's CPU pipeline looks values
+    up here, so every path gives the same bits for the same pixel (a
     table computed in float64, as FFCV's ``NormalizeImage`` is, differs by 1 ulp in places)."""
     v = np.arange(256, dtype=np.float32)[:, None]
     inv_std = np.float32(1) / np.asarray(std, np.float32)  # IEEE float32, as torch's 1 / std

@@ -8,9 +8,9 @@
 pipeline (whose numba JIT costs ~1 s per process) and no loading thread. Every batch has the
 same shape -- the training batch size -- so cuDNN tunes no second set of kernels; the last
 batch is padded with blank images whose label is :data:`PAD_LABEL` (-1), which no prediction
-matches and which the evaluation does not count (``(y >= 0).sum()``). Normalization looks
-each value up in :func:`~ffcv_pipeline.pixels.normalization_table` (float32: the very numbers
-the loaders' ``Normalize`` computes), then casts to the dtype.
+matches and which the evaluation does not count (``(y >= 0).sum()``). Normalization is the
+loaders' own :class:`~ffcv_pipeline.pixels.Normalize` (float32 arithmetic, one cast to the
+dtype) on the channels-last view of each uint8 batch.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .constants import CIFAR100_MEAN, CIFAR100_STD
-from .pixels import load_arrays, normalization_table
+from .pixels import Normalize, load_arrays
 
 PAD_LABEL = -1
 
@@ -52,9 +52,7 @@ class ResidentSplit:
         y[:n] = labels
         self.x = torch.from_numpy(x).to(device)  # NHWC uint8: 3 KB per image
         self.y = torch.from_numpy(y).to(device)
-        self.table = torch.from_numpy(normalization_table(mean, std)).to(device)  # (256, C)
-        self.channel = torch.arange(self.table.shape[1], device=device)
-        self.dtype = dtype
+        self.normalize = Normalize(mean, std, dtype)
 
     @classmethod
     def from_file(cls, path: str | Path, *, indices: np.ndarray | None = None, **kw) -> 'ResidentSplit':
@@ -65,8 +63,7 @@ class ResidentSplit:
         """Normalized NCHW batches (channels-last memory unless configured otherwise) and labels;
         the same every epoch (the test split is not augmented)."""
         for i in range(0, len(self.y), self.batch_size):
-            x = self.table[self.x[i:i + self.batch_size].long(), self.channel].to(self.dtype)
-            x = x.permute(0, 3, 1, 2)  # a view: NHWC memory = channels-last NCHW
+            x = self.normalize(self.x[i:i + self.batch_size].permute(0, 3, 1, 2))  # channels-last
             if not self.channels_last:
                 x = x.contiguous()
             yield x, self.y[i:i + self.batch_size]

@@ -62,8 +62,6 @@ class _SplitDataset:
 
 
 def _ffcv_fields():
-    from . import load_ffcv
-    load_ffcv()
     from ffcv.fields import IntField, RGBImageField
     return {'image': RGBImageField(write_mode='raw'), 'label': IntField(),
             'coarse_label': IntField()}
@@ -210,13 +208,6 @@ def _write_arrays(path: Path, split) -> None:
         np.save(f, rows)
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    try:
-        check_writable_dir(out_dir)
-    except OSError as e:  # read-only, no permission, a file in the way, full
-        raise DatasetError(str(e)) from None
-
-
 def _manifest(data: Cifar100, betons: dict[str, Path] | None, arrays: dict[str, Path],
               seconds: float) -> dict:
     splits = {}
@@ -255,7 +246,7 @@ def write_datasets(source: str | os.PathLike | None = None, out_dir: str | os.Pa
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_writable_dir(out_dir)  # read-only, no permission, a file in the way, full: one line
     _remove_temps(out_dir)  # left by killed runs
     remove_stale_segments()  # their shared memory in /dev/shm, too
     no_ffcv = ffcv_import_error()

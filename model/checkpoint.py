@@ -113,14 +113,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def model_state(model: torch.nn.Module) -> dict:
+    """The bare model's state_dict, floating point as float32: views of the live tensors where
+    they already are float32 (the trainer's snapshot copies them)."""
+    return {k: v.detach().float() if v.is_floating_point() else v.detach()
+            for k, v in unwrap(model).state_dict().items()}
+
+
 def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, coarse_names,
                     fine_to_coarse, mean, std, config: dict | None = None, epoch: int = 0,
                     step: int = 0, metrics: dict | None = None, host: bool = True, **extra) -> dict:
     """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states).
     ``host=False``: the weights stay where they are (the trainer's snapshot copies them)."""
     import datetime as _dt
-    state = {k: v.detach().float() if v.is_floating_point() else v.detach()
-             for k, v in unwrap(model).state_dict().items()}
+    state = model_state(model)
     if host:
         state = {k: v.cpu() for k, v in state.items()}
     return {

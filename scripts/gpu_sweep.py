@@ -6,7 +6,7 @@ fewest epochs on three seeds, within a time budget (logic: training/sweep.py).
     OUT=/tmp/out TRAIN_S=1 BENCH_S=1 EXTRA='python3 scripts/gpu_sweep.py --budget-s 480 \
         --out "$OUT/sweep" --docs --data.num_workers $(nproc)' bash .gpu/run.sh
     # the CPU rehearsal (tiny: minutes)
-    python scripts/gpu_sweep.py --config tiny_cpu.yaml --lever-epochs 1 --speed-epochs 2 \
+    python scripts/gpu_sweep.py --config tiny_cpu.yaml --lever-epochs 2 --speed-epochs 2 \
         --final-epochs 1,2 --seeds 2 --skip compile --budget-s 600 --out /tmp/sweep
 
 Extra ``--section.key VALUE`` arguments apply to every run. Writes ``sweep.json`` after every
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 epilog='extra --section.key VALUE arguments override the config for every run')
     p.add_argument('--config', default='rn18.yaml', help='training config (default: %(default)s)')
-    p.add_argument('--lever-epochs', type=int, default=12, help='epochs of base@E and each accuracy lever')
+    p.add_argument('--lever-epochs', type=int, default=12, help='epochs of base@E and each accuracy lever (>= 2)')
     p.add_argument('--speed-epochs', type=int, default=3, help='epochs of each speed lever run (>= 2)')
     p.add_argument('--final-epochs', default='10,12,14,16', help='candidate epochs of the final recipe')
     p.add_argument('--seeds', type=int, default=3, help='seeds of the final recipe (default 3)')
@@ -35,12 +35,15 @@ def main(argv=None) -> int:
     p.add_argument('--docs', nargs='?', const=str(ROOT / 'docs' / 'gpu'), metavar='DIR',
                    help='also write <date>-<gpu>-sweep.json into the output folder and DIR (default docs/gpu/)')
     args, rest = p.parse_known_args(argv)
+    from model.errors import UserError
     try:
         finals = [int(e) for e in args.final_epochs.split(',') if e.strip()]
     except ValueError:
-        raise ValueError(f'--final-epochs: expected integers like 10,12,14, got {args.final_epochs!r}') from None
-    if args.seeds < 1 or args.lever_epochs < 1 or args.speed_epochs < 1 or not finals or min(finals) < 1:
-        raise ValueError('--seeds, --lever-epochs, --speed-epochs and --final-epochs must be positive')
+        raise UserError(f'--final-epochs: expected integers like 10,12,14, got {args.final_epochs!r}') from None
+    if args.seeds < 1 or not finals or min(finals) < 1:
+        raise UserError('--seeds and --final-epochs must be positive')
+    if args.lever_epochs < 2 or args.speed_epochs < 2:  # epoch seconds are timed after the first epoch
+        raise UserError('--lever-epochs and --speed-epochs must be >= 2 (the first epoch is not timed)')
 
     import json
     from model.fileio import atomic_write_text

@@ -236,7 +236,7 @@ def _train_steps(tcfg_overrides: list[str], steps=4, compile_=False):
     cfg = load_config('tiny_cpu', tcfg_overrides)
     torch.manual_seed(0)
     model = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8})
-    opt = make_optimizer(model, cfg.training, torch.device('cpu'))
+    opt = make_optimizer(model, cfg.training)
     net = torch.compile(model) if compile_ else model
     step = TrainStep(net, opt, device=torch.device('cpu'), dtype=torch.float32, label_smoothing=0.1)
     lrs = lr_schedule(lr=0.2, epochs=1, iters_per_epoch=steps, warmup_epochs=0.5, kind='linear')
@@ -291,7 +291,7 @@ def test_cuda_graph_warm_up_is_undone_and_the_tensor_lr_trains_like_the_float_on
     def fresh():
         torch.manual_seed(0)
         m = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8})
-        return m, TrainStep(m, make_optimizer(m, tc, cpu), device=cpu, dtype=torch.float32)
+        return m, TrainStep(m, make_optimizer(m, tc), device=cpu, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
     ref_model, ref = fresh()

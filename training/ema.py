@@ -71,8 +71,8 @@ class EMA:
             return
         avg, avg_src, copied, copied_src, _ = self._targets(model)
         torch._foreach_lerp_(avg, avg_src, 1.0 - self.current_decay())
-        for dst, src in zip(copied, copied_src):
-            dst.copy_(src)
+        if copied:  # BatchNorm's num_batches_tracked: one launch, not one per layer
+            torch._foreach_copy_(copied, copied_src)
         self.updates += 1
 
     def state_dict(self) -> dict:

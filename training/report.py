@@ -55,19 +55,20 @@ def epoch_record(epoch: int, *, lr: float, totals: dict, top1, top5, seconds: fl
     }
 
 
-def epoch_line(record: dict, *, epochs: int, seconds: float, eval_s: float) -> str:
+def epoch_line(record: dict, *, epochs: int) -> str:
+    """The log line of one :func:`epoch_record`."""
     top1 = record['test_top1']
     t1 = f'{top1:.4f}' if top1 is not None else '-'
     return (f'epoch {record["epoch"]:3d}/{epochs}  lr {record["lr"]:.4f}  '
             f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
             f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
-            f'{seconds:.1f}+{eval_s:.1f} s  [{record["wallclock_s"]:.1f} s]')
+            f'{record["epoch_seconds"]:.1f}+{record["eval_seconds"]:.1f} s  [{record["wallclock_s"]:.1f} s]')
 
 
-def done_lines(summary: dict, *, target: float) -> list[str]:
+def done_lines(summary: dict) -> list[str]:
     """The run's last two lines: the result against the target, and where the time went."""
     fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')
-    tt = summary['time_to_target_s']
+    tt, target = summary['time_to_target_s'], summary['target_top1']
     reached = (f'reached {target:.0%} at {tt:.1f} s (epoch {summary["epoch_reached_target"]})'
                if tt is not None else f'did not reach {target:.0%}')
     return [f'done: best top-1 {fmt(summary["best_top1"])}, final {fmt(summary["final_top1"])}, '
@@ -75,12 +76,12 @@ def done_lines(summary: dict, *, target: float) -> list[str]:
             f'time budget: {format_budget(summary["time_budget"])}']
 
 
-def plot_run(records: list[dict], summary: dict, path: Path, *, target: float, budget: dict, log) -> None:
+def plot_run(records: list[dict], summary: dict, path: Path, *, budget: dict, log) -> None:
     """``curves.png``; on a bare GPU host without matplotlib, one note (the figures are in the JSON)."""
     from .metrics import plot_curves
     best = summary['best_top1']
     try:
-        plot_curves(records, path, target=target, budget=budget,
+        plot_curves(records, path, target=summary['target_top1'], budget=budget,
                     title=summary['config'] + (f': best top-1 {best:.4f}' if best is not None else ''))
     except ImportError as e:
         log(f'note: no curves.png ({e})')

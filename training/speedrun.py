@@ -219,14 +219,16 @@ def speedrun(plan: Plan, log=print) -> dict:
             log(f'  final top-1 {r["final_top1"]:.4f}, ' +
                 (f'{r["target_top1"]:.0%} at {tt:.1f} s' if tt is not None else f'{r["target_top1"]:.0%} not reached')
                 + f', {r["total_seconds"]:.1f} s')
-        _write(result, plan, t0)
-    _write(result, plan, t0)
+        write_result(result, plan.out / 'speedrun.json', t0)
+    write_result(result, plan.out / 'speedrun.json', t0)
     if result['runs']:
         plot(result, plan.out / 'speedrun.png')
     return result
 
 
-def _write(result: dict, plan: Plan, t0: float) -> None:
+def write_result(result: dict, path: Path, t0: float) -> None:
+    """The per-recipe aggregates and the wall-clock so far, then the JSON (after every run: a
+    killed speedrun or sweep keeps what it measured)."""
     result['recipes'] = aggregate(result['runs'], result['target_top1'])
     result['wallclock_s'] = round(time.perf_counter() - t0, 3)
-    atomic_write_text(plan.out / 'speedrun.json', json.dumps(result, indent=1) + '\n')
+    atomic_write_text(path, json.dumps(result, indent=1) + '\n')

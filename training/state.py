@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
-from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint, unwrap
+from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint, model_state
 from model.errors import UserError
 from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 
@@ -91,13 +91,6 @@ class Position:
         return f'{where} (step {self.step})'
 
 
-def _weights(model) -> dict:
-    """The bare model's state_dict, floating point as float32 (as ``make_checkpoint``): views of
-    the live tensors, which :class:`Snapshot` copies."""
-    return {k: v.detach().float() if v.is_floating_point() else v.detach()
-            for k, v in unwrap(model).state_dict().items()}
-
-
 def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
                         metrics: dict | None, n_params: int, optimizer, scaler, ema=None) -> dict:
     """A resumable checkpoint: the inference part (``model.checkpoint``) plus optimizer,
@@ -106,7 +99,7 @@ def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
     export load -- and the raw training weights go to 'raw_model' for resuming."""
     meta = {**(metrics or {}), 'best_top1': pos.best_top1, 'epochs_planned': cfg.training.epochs,
             'params': n_params, 'train_seconds': pos.elapsed_s}
-    extra = {} if ema is None else {'raw_model': _weights(model), 'ema': ema.state_dict()}
+    extra = {} if ema is None else {'raw_model': model_state(model), 'ema': ema.state_dict()}
     return make_checkpoint(
         model if ema is None else ema.module, host=False, model_config=dict(cfg.model),
         class_names=class_names, coarse_names=coarse_names,

@@ -96,8 +96,7 @@ def eager_optimizer(cls: type, *args, **kwargs) -> torch.optim.Optimizer:
     return optimizer
 
 
-def make_optimizer(model: torch.nn.Module, tcfg, device: torch.device | None = None, *,
-                   eager: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, tcfg, *, eager: bool = True) -> torch.optim.Optimizer:
     """SGD (+ Nesterov) over :func:`param_groups`; the LR is set per step by :class:`TrainStep`.
     ``training.fused_sgd``: torch's fused kernel (one launch updates every parameter; CUDA and
     the CPU have it), else the foreach implementation (a few launches per parameter group).

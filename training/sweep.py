@@ -2,7 +2,7 @@
 combination at the fewest epochs predicted to reach the target, on three seeds.
 
     python scripts/gpu_sweep.py --config rn18.yaml --budget-s 480 --out sweep_out --docs
-    python scripts/gpu_sweep.py --config tiny_cpu.yaml --lever-epochs 1 --speed-epochs 1 \\
+    python scripts/gpu_sweep.py --config tiny_cpu.yaml --lever-epochs 2 --speed-epochs 2 \\
         --final-epochs 1,2 --seeds 1 --skip compile   # the CPU rehearsal
 
 Stages, in order of what matters most (a budget cut drops the last ones first, but the time
@@ -30,7 +30,6 @@ every run) at the end, and with ``docs``, a copy named ``<date>-<gpu>-sweep.json
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -38,11 +37,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.fileio import atomic_write_text
+from model.fileio import check_writable_dir
 
 from .config import ROOT, ConfigError, load_config
 from .metrics import read_jsonl
-from .speedrun import Plan, aggregate, environment, format_table, label, plot, run_one
+from .speedrun import Plan, environment, format_table, label, plot, run_one, write_result
 
 # name -> overrides. Sources: ../shared/docs/SPEED_NOTES.md (airbench, cifar10-zoo ablations).
 LEVERS = {
@@ -159,7 +158,7 @@ def sweep(plan: SweepPlan, log=print) -> dict:
     for _, recipe in stages:
         load_config(plan.config, [*plan.overrides, *recipe])
     sp = plan.speedrun_plan()
-    plan.out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(plan.out / 'runs')  # before the first run, not after it (as speedrun)
     # torch.compile's caches (inductor's FX graph and kernel caches) in one place: the warm-up run
     # fills them, the measured run reads them, as a user's second run would
     os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', str(plan.out / 'inductor_cache'))
@@ -194,7 +193,7 @@ def sweep(plan: SweepPlan, log=print) -> dict:
         (result['warmup_runs'] if warmup else result['runs']).append(r)
         if 'failed' not in r:
             log(f'  top-1 {r["final_top1"]:.4f}, {r["process_seconds"]:.1f} s')
-        _write(result, plan, t0)
+        write_result(result, plan.out / 'sweep.json', t0)
         return r
 
     def reserve() -> float:  # the final stage: seeds x a run at the middle of the final epochs
@@ -225,7 +224,7 @@ def sweep(plan: SweepPlan, log=print) -> dict:
     finals = [r for r in result['runs'] if r['stage'] == 'final']
     final['every_seed_reached_target'] = bool(finals) and all(
         r.get('time_to_target_s') is not None for r in finals)
-    _write(result, plan, t0)
+    write_result(result, plan.out / 'sweep.json', t0)
     if result['runs']:
         try:
             plot(result, plan.out / 'sweep.png')
@@ -238,12 +237,6 @@ def docs_name(result: dict) -> str:
     """``<date>-<device>-sweep.json``, e.g. ``2026-12-01-nvidia-h200-sweep.json``."""
     dev = re.sub(r'[^a-z0-9]+', '-', result['environment']['device'].lower()).strip('-')
     return f'{result["environment"]["date"][:10]}-{dev}-sweep.json'
-
-
-def _write(result: dict, plan: SweepPlan, t0: float) -> None:
-    result['recipes'] = aggregate(result['runs'], result['target_top1'])
-    result['wallclock_s'] = round(time.perf_counter() - t0, 3)
-    atomic_write_text(plan.out / 'sweep.json', json.dumps(result, indent=1) + '\n')
 
 
 def format_sweep(result: dict) -> str:
