@@ -1,14 +1,23 @@
 # Two commands do everything (see README.md):
 #   make run    set-up if needed -> download CIFAR-100 -> write .beton files -> train rn18.yaml
+#               (make run DATASET=cifar10 CONFIG=rn18_cifar10.yaml; make run IMAGE_FOLDER=~/photos SIZE=64)
 #   make test   set-up if needed -> pytest (fast tests; `make test-slow` runs the slow ones)
 # More: make check (re-measure the acceptance figures), make benchmark, make speedrun, make app,
 #       make export.
-# Variables: CIFAR_SOURCE=path/to/cifar-100-python.tar.gz (no download), CONFIG=rn18.yaml,
-#            TRAIN_ARGS='--training.epochs 2', PYTEST_ARGS='-k loader', VENV=.venv
+# Variables: CIFAR_SOURCE=path/to/the official archive (no download), CONFIG=rn18.yaml,
+#            DATASET=cifar10 (a built-in; default: the config's data.dataset),
+#            IMAGE_FOLDER=DIR (your images: DIR/<class>/* or DIR/{train,val}/<class>/*) with SIZE=32
+#            and NAME=<folder name>, TRAIN_ARGS='--training.epochs 2', PYTEST_ARGS='-k loader', VENV=.venv
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= rn18.yaml
 CIFAR_SOURCE ?=
+IMAGE_FOLDER ?=
+SIZE ?= 32
+NAME ?= $(notdir $(abspath $(IMAGE_FOLDER)))
+# the dataset to convert and train: an image folder's NAME, else DATASET, else the config's own
+CONFIG_FILE = $(firstword $(wildcard $(CONFIG) configs/$(CONFIG) configs/$(CONFIG).yaml))
+DATASET ?= $(if $(IMAGE_FOLDER),$(NAME),$(shell awk '/^data:/{d=1;next} /^[^ \#]/{d=0} d && $$1=="dataset:"{print $$2; exit}' $(CONFIG_FILE) 2>/dev/null))
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 export VENV
@@ -20,10 +29,14 @@ setup:
 	@bash scripts/setup.sh
 
 data: setup
-	$(PY) scripts/write_datasets.py $(if $(CIFAR_SOURCE),--source "$(CIFAR_SOURCE)")
+ifneq ($(IMAGE_FOLDER),)
+	$(PY) scripts/write_datasets.py --image-folder "$(IMAGE_FOLDER)" --name "$(NAME)" --size $(SIZE)
+else
+	$(PY) scripts/write_datasets.py $(if $(DATASET),--dataset $(DATASET)) $(if $(CIFAR_SOURCE),--source "$(CIFAR_SOURCE)")
+endif
 
 train: data
-	$(PY) scripts/train.py --config $(CONFIG) $(TRAIN_ARGS)
+	$(PY) scripts/train.py --config $(CONFIG) $(if $(DATASET),--data.dataset $(DATASET)) $(TRAIN_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The CIFAR-100 classifier as a Gradio web app (also a Hugging Face Space; see app/README.md).
+"""The trained classifier (CIFAR-100, CIFAR-10 or your own images: the model file says which) as a
+Gradio web app (also a Hugging Face Space; see app/README.md).
 
     python app/app.py                                   # http://127.0.0.1:7860
     python app/app.py --checkpoint runs/rn18/best.pt --host 0.0.0.0 --port 8080
@@ -10,7 +11,8 @@ model the app still starts and the page says how to train one. A torch model is 
 start-up (``--no-compile`` / ``COMPILE_MODEL=0`` to skip); an ``.onnx`` one is served by ONNX
 Runtime, without torch.
 
-Upload, paste or photograph an image -> top-5 classes (gr.Label), the superclass, notes on what
+Upload, paste or photograph an image -> top-5 classes (gr.Label), the superclass where the
+dataset has them, notes on what
 was done to the input; a panel describes the model. Bad input (not an image, corrupt, empty,
 > 50 megapixels) gives a message in the page and the app keeps serving.
 
@@ -32,10 +34,12 @@ from pathlib import Path
 try:
     from .predictor import (NO_CHECKPOINT_MESSAGE, BACKENDS, ImageError, ModelFileError, Predictor,
                             format_seconds, resolve_checkpoint)
+    from .modelmeta import dataset_folders
 except ImportError:  # run as a file: `python app/app.py` (the package is installed, so `model`
     # imports), or `python app.py` in a Space folder; either way this file's folder is sys.path[0]
     from predictor import (NO_CHECKPOINT_MESSAGE, BACKENDS, ImageError, ModelFileError, Predictor,
                            format_seconds, resolve_checkpoint)
+    from modelmeta import dataset_folders
 
 import gradio as gr
 
@@ -44,7 +48,7 @@ logging.getLogger('httpx').setLevel(logging.WARNING)  # one line per request oth
 TOPK = 5
 MAX_FILE_SIZE = '50mb'  # uploads above this are refused by Gradio before reaching us
 HERE = Path(__file__).resolve().parent
-EXAMPLE_DIRS = (HERE / 'examples', HERE.parent / 'data_beton' / 'examples')
+SPACE_EXAMPLES = HERE / 'examples'  # what scripts/export.py --space ships beside app.py
 # System fonts only: the default theme fetches Google Fonts, which an offline machine can't reach.
 THEME = gr.themes.Soft(font=['ui-sans-serif', 'system-ui', 'sans-serif'],
                        font_mono=['ui-monospace', 'monospace'])
@@ -73,8 +77,16 @@ def uploaded_file(payload) -> tuple[str | bytes | None, str]:
     raise ImageError('the upload carried no file')
 
 
-def find_examples(dirs=EXAMPLE_DIRS, limit: int = 12) -> list[str]:
-    """PNG examples from app/examples, else data_beton/examples (written by the converter)."""
+def example_dirs(predictor: Predictor | None, root: Path = HERE.parent) -> list[Path]:
+    """Where the served model's example images are: beside app.py (a Space), else the converted
+    dataset whose classes are the model's (``data_beton/<dataset>/examples``, the converter's)."""
+    if predictor is None:
+        return [SPACE_EXAMPLES]
+    return [SPACE_EXAMPLES] + [d / 'examples' for d in dataset_folders(root, predictor.class_names)]
+
+
+def find_examples(dirs, limit: int = 12) -> list[str]:
+    """The PNGs of the first folder in ``dirs`` that has any."""
     for d in dirs:
         files = sorted(Path(d).glob('*.png'))
         if files:
@@ -111,7 +123,7 @@ def make_classify(predictor: Predictor | None, problem: str | None = None):
             source, name = uploaded_file(payload)
             if source is None:  # the image was cleared
                 return None, '', ''
-            pred = predictor.predict(source, TOPK, name=name)
+            pred = predictor.predict(source, min(TOPK, len(predictor.class_names)), name=name)
         except ImageError as e:
             gr.Warning(str(e))
             return None, '', f'**Could not classify this image.** {e}'
@@ -129,11 +141,18 @@ def make_classify(predictor: Predictor | None, problem: str | None = None):
 def build_app(predictor: Predictor | None, *, problem: str | None = None,
               examples: list[str] | None = None) -> gr.Blocks:
     """The UI around ``predictor`` (``None``: no model; ``problem`` says why)."""
-    examples = find_examples() if examples is None else examples
-    with gr.Blocks(title='CIFAR-100 classifier', analytics_enabled=False) as demo:
-        gr.Markdown('# CIFAR-100 classifier\nA ResNet-18 trained on CIFAR-100 (100 classes of '
-                    '32×32 images). Your image is centre-cropped to a square and shrunk to 32×32, '
-                    'as the training images were.')
+    examples = find_examples(example_dirs(predictor)) if examples is None else examples
+    title = f'{predictor.meta.title} classifier' if predictor and predictor.meta.title else 'Image classifier'
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        if predictor is not None:
+            s, n = predictor.image_size, len(predictor.class_names)
+            arch = predictor.meta.model_config.get('arch', 'model')
+            on = f' on {predictor.meta.title}' if predictor.meta.title else ''
+            gr.Markdown(f'# {title}\nA {arch} trained{on} ({n} classes of {s}×{s} images). Your '
+                        f'image is centre-cropped to a square and shrunk to {s}×{s}, as the '
+                        f'training images were.')
+        else:
+            gr.Markdown(f'# {title}')
         if predictor is None:
             gr.Markdown(f'> **No trained model found.** {problem or NO_CHECKPOINT_MESSAGE}',
                         elem_id='no-model')
@@ -144,7 +163,7 @@ def build_app(predictor: Predictor | None, *, problem: str | None = None,
                                  height=320)
                 if examples:
                     gr.Examples(examples, inputs=image, cache_examples=False,
-                                examples_per_page=12, label='Examples (CIFAR-100 test images)')
+                                examples_per_page=12, label='Examples (test images)')
             with gr.Column():
                 top = gr.Label(num_top_classes=TOPK, label=f'Top-{TOPK} classes', elem_id='top5')
                 superclass = gr.Markdown(elem_id='superclass')
@@ -159,7 +178,7 @@ def build_app(predictor: Predictor | None, *, problem: str | None = None,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description='Serve the CIFAR-100 classifier with Gradio.')
+    ap = argparse.ArgumentParser(description='Serve the trained classifier with Gradio.')
     ap.add_argument('--checkpoint', help='checkpoint (.pt) or exported model (.onnx); default: '
                                          '$MODEL_PATH, else model.onnx or model.pt beside app.py, '
                                          'else the newest runs/*/best.pt')

@@ -11,13 +11,14 @@ What lands in ``--out``:
     (``model.checkpoint.slim_checkpoint``); ``--fp16`` stores the weights as float16.
   * ``model.onnx`` (``--onnx``): dynamic batch, NCHW float32 input ``input``, output ``logits``;
     the app's metadata (``app.modelmeta``) rides in its ``metadata_props``. Verified before it is
-    kept: the torch model and ONNX Runtime classify the same images (``data_beton/examples``,
-    else synthetic ones); max |logit difference| <= :data:`ONNX_TOLERANCE` and every top-1 equal,
+    kept: the torch model and ONNX Runtime classify the same images (the examples of the
+    model's dataset, ``data_beton/<dataset>/examples``, else synthetic ones); max |logit difference| <= :data:`ONNX_TOLERANCE` and every top-1 equal,
     or the export fails. ``--fp16`` stores its weights as float16 too (a Cast per weight, which
     ONNX Runtime folds away at load time: half the file, the same speed).
   * ``--int8`` (implies ``--onnx``): ``model.onnx`` quantized to int8 after the float32 file
     passed the check above, calibrated on training images and kept only if its test top-1 stays
-    within a point of float32's (``app.quantize``; needs the converted arrays in ``--data-dir``).
+    within a point of float32's (``app.quantize``; needs the converted arrays of the model's
+    dataset: ``--data-dir``, else the ``data_beton/<dataset>/`` whose classes are the model's).
   * ``--space``: ``app.py`` and the modules it imports, ``requirements.txt``, ``README.md`` (the
     Space's YAML header), ``examples/``; with ``--onnx`` the folder runs without torch (gradio,
     onnxruntime, numpy, pillow) and ships ``model.onnx`` only, else ``model.pt`` and ``model/``.
@@ -50,9 +51,9 @@ from model import count_parameters
 from model.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, slim_checkpoint
 from model.errors import UserError
 from model.fileio import DiskFullError, NotWritableError, atomic_write, atomic_write_text, is_disk_full
-from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT
+from model.project import PROJECT_ROOT as ROOT
 
-from .modelmeta import META_KEY, ModelMeta
+from .modelmeta import META_KEY, ModelMeta, dataset_folders
 from .predictor import Predictor
 from .quantize import INT8_MAX_TOP1_DROP, QuantizeError, load_split, quantize_int8
 
@@ -66,7 +67,6 @@ SPACE_MODULES = {'common': ('app.py', 'predictor.py', 'images.py', 'modelmeta.py
 MODEL_FILES = {'onnx': ('__init__.py', 'errors.py', 'project.py'),
                'torch': tuple(sorted(p.name for p in (ROOT / 'model').glob('*.py')))}
 REQUIREMENTS = {'onnx': HERE / 'requirements-onnx.txt', 'torch': HERE / 'requirements.txt'}
-EXAMPLE_DIRS = (ROOT / 'data_beton' / 'examples', HERE / 'examples')
 MANIFEST = 'export.json'
 
 
@@ -133,15 +133,24 @@ def _weights_to_fp16(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
-def verification_images(dirs=EXAMPLE_DIRS, count: int = 16) -> tuple[list, str]:
-    """Real CIFAR-100 test images (``data_beton/examples/*.png``) if there are any, else
-    ``count`` synthetic 32x32 ones (seeded)."""
+def data_folders(ckpt: dict) -> list[Path]:
+    """The converted datasets with the checkpoint's classes (``data_beton/<dataset>/``)."""
+    return dataset_folders(ROOT, ckpt['class_names'])
+
+
+def model_example_dirs(ckpt: dict) -> list[Path]:
+    return [d / 'examples' for d in data_folders(ckpt)] + [HERE / 'examples']
+
+
+def verification_images(dirs, count: int = 16, size: int = 32) -> tuple[list, str]:
+    """Real test images of the model's dataset (the converter's ``examples/*.png``) if there are
+    any, else ``count`` synthetic ``size`` x ``size`` ones (seeded)."""
     for d in dirs:
         found = sorted(Path(d).glob('*.png'))
         if found:
             return found, str(d)
     rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
 
 
 def verify_onnx(onnx_path: Path, ckpt: dict, images: list, source: str) -> Verification:
@@ -173,10 +182,13 @@ def space_readme(ckpt: dict, backend: str) -> str:
     top1 = f', test top-1 {m["test_top1"]:.2%}' if m.get('test_top1') is not None else ''
     runtime = ('ONNX Runtime (no torch needed)' if backend == 'onnx'
                else 'PyTorch (CPU)')
-    return (f'---\n{header}---\n\n# CIFAR-100 classifier\n\n'
-            f'A {cfg["arch"]} (width {cfg.get("width", 64)}) trained on CIFAR-100 '
-            f'({ckpt.get("epoch")} epochs{top1}), served with {runtime}. Drop in an image: the '
-            f'five most likely of the 100 classes, and the superclass of the first.\n\n'
+    title = (ckpt.get('dataset') or {}).get('title') or ''
+    n, s = len(ckpt['class_names']), ckpt['image_size']
+    sup = ', and the superclass of the first' if ckpt.get('coarse_names') else ''
+    return (f'---\n{header}---\n\n# {title or "Image"} classifier\n\n'
+            f'A {cfg["arch"]} (width {cfg.get("width", 64)}) trained{" on " + title if title else ""} '
+            f'({ckpt.get("epoch")} epochs{top1}, {s}x{s} images), served with {runtime}. Drop in an '
+            f'image: the five most likely of the {n} classes{sup}.\n\n'
             f'Run it locally: `pip install -r requirements.txt && python app.py` '
             f'(http://127.0.0.1:7860). Exported with `scripts/export.py` from the '
             f'cifar100-ffcv project.\n')
@@ -255,13 +267,16 @@ def _staging_dir(out: Path) -> Path:
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool = False,
            fp16: bool = False, space: bool = False, int8: bool = False,
-           data_dir: str | os.PathLike = ROOT / 'data_beton', example_dirs=EXAMPLE_DIRS,
+           data_dir: str | os.PathLike | None = None, example_dirs=None,
            log: Callable[[str], None] = print, max_top1_drop: float = INT8_MAX_TOP1_DROP,
            force: bool = False) -> dict:
     """Do the export (see the module docstring); returns what ``export.json`` holds."""
     checkpoint, out = Path(checkpoint), Path(out)
     if int8 and fp16:
         raise ExportError('--int8 and --fp16 exclude each other (int8 stores its weights in 8 bits)')
+    ckpt = slim_checkpoint(load_checkpoint(checkpoint), fp16=fp16)
+    if data_dir is None:  # the converted dataset with the model's classes
+        data_dir = next(iter(data_folders(ckpt)), None) or ROOT / 'data_beton'
     if int8:  # its data, before anything is built
         try:
             for split in ('train', 'test'):
@@ -269,7 +284,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
         except QuantizeError as e:
             raise ExportError(str(e)) from None
     onnx = onnx or int8
-    ckpt = slim_checkpoint(load_checkpoint(checkpoint), fp16=fp16)
     stage = _staging_dir(out)
     try:
         manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'int8': int8, 'onnx': onnx, 'space': space,
@@ -278,7 +292,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
             atomic_save(ckpt, stage / 'model.pt')
             log(f'model.pt: inference-only checkpoint, {(stage / "model.pt").stat().st_size / 2**20:.1f} MiB'
                 f'{" (float16 weights)" if fp16 else ""}')
-        images, source = verification_images(example_dirs)
+        dirs = example_dirs if example_dirs is not None else model_example_dirs(ckpt)
+        images, source = verification_images(dirs, size=ckpt['image_size'])
         if onnx:
             atomic_write(stage / 'model.onnx', lambda f: f.write(onnx_bytes(ckpt, fp16=fp16)))
             v = verify_onnx(stage / 'model.onnx', ckpt, images, source)

@@ -2,8 +2,12 @@
 so the ONNX Runtime app needs neither).
 
     from app.images import prepare_image, normalize
-    arr, notes = prepare_image('cat.jpg')             # 32x32x3 uint8 RGB, and what was done
+    arr, notes = prepare_image('cat.jpg', size=32)    # 32x32x3 uint8 RGB, and what was done
     x = normalize(arr[None], mean, std)               # 1x3x32x32 float32, NCHW (channels-last memory)
+
+``size`` is the model's (its checkpoint's ``image_size``, the dataset's); the converter prepares
+a user's image folder with this very function (``ffcv_pipeline/folder.py``), so training and
+serving see an image the same way.
 
 Preparing an image (``prepare_image``) -- the same pixels the model saw in training:
   * decode (Pillow; JPEGs are decoded at a reduced DCT scale when much larger than needed),
@@ -16,10 +20,10 @@ Preparing an image (``prepare_image``) -- the same pixels the model saw in train
     is scaled by 255/65535 rather than clipped; grey, palette, CMYK, ... via ``convert('RGB')``;
   * animated GIF/WebP/PNG: the **first frame** is classified and a note says so;
   * centre-crop to a square (keeps the aspect ratio: CIFAR images are square crops, squashing
-    would distort) and resize to 32x32 with Pillow's **BICUBIC** filter, which is antialiased
+    would distort) and resize to size x size with Pillow's **BICUBIC** filter, which is antialiased
     (its support widens with the reduction factor), with ``reducing_gap=3`` (a box reduction to
     >= 3x the target first: 6x faster on a 12 MP photo, 0.3-0.6 grey levels off on average
-    versus a full-resolution resize); a 32x32 image is not resampled at all;
+    versus a full-resolution resize); an image of the model's size is not resampled at all;
   * normalize exactly as the loaders' ``Normalize`` (``ffcv_pipeline.pixels``) does on
     the training/test data: float32 ``(x - mean) * (1 / std)`` with the checkpoint's 0-255
     mean/std (bit-identical: the same IEEE float32 operations in the same order), NCHW with
@@ -37,12 +41,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.errors import UserError  # standard library only: every Space has it
-from model.project import IMAGE_SIZE
 MAX_PIXELS = 50_000_000  # refuse bigger images: 50 MP decodes to 150 MB of RGB already
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
 
-__all__ = ['ImageError', 'IMAGE_SIZE', 'MAX_PIXELS', 'describe', 'load_rgb', 'resize_to_model',
+__all__ = ['ImageError', 'MAX_PIXELS', 'describe', 'load_rgb', 'resize_to_model',
            'prepare_image', 'normalize']
 
 
@@ -159,8 +162,10 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
         raise ImageError(f'cannot convert a {mode!r} image to RGB ({e})') from None
 
 
-def load_rgb(source: Any, *, name: str | None = None) -> tuple[Image.Image, list[str]]:
+def load_rgb(source: Any, *, name: str | None = None, size: int | None = None
+             ) -> tuple[Image.Image, list[str]]:
     """A path, bytes, file object, PIL image or numpy array -> (RGB PIL image, notes).
+    ``size``: the side it will be resized to (a JPEG may then be decoded at a reduced scale).
 
     Raises :class:`ImageError` with a one-line reason for anything that is not a usable image.
     """
@@ -187,10 +192,10 @@ def load_rgb(source: Any, *, name: str | None = None) -> tuple[Image.Image, list
         if getattr(img, 'is_animated', False):
             img.seek(0)
             notes.append('animated image: classified the first frame')
-        if opened is not None and img.format == 'JPEG':
+        if opened is not None and img.format == 'JPEG' and size:
             # Decode at 1/2, 1/4 or 1/8 scale in the DCT (itself an antialiased reduction) while
             # every side stays >= 4x what we need: a 12 MP photo decodes in 33 ms, not 81 ms.
-            img.draft(img.mode, (IMAGE_SIZE * 4, IMAGE_SIZE * 4))
+            img.draft(img.mode, (size * 4, size * 4))
         img.load()
         if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation; else no (full-size) copy
             img = ImageOps.exif_transpose(img)
@@ -208,7 +213,7 @@ def load_rgb(source: Any, *, name: str | None = None) -> tuple[Image.Image, list
     return img, notes
 
 
-def resize_to_model(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+def resize_to_model(img: Image.Image, size: int) -> np.ndarray:
     """RGB image -> size x size x 3 uint8: centre square crop, antialiased BICUBIC resize."""
     w, h = img.size
     if (w, h) != (size, size):
@@ -218,15 +223,15 @@ def resize_to_model(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def prepare_image(source: Any, *, name: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """Any supported input -> (32x32x3 uint8 RGB array, notes). See the module docstring."""
-    img, notes = load_rgb(source, name=name)
-    return resize_to_model(img), notes
+def prepare_image(source: Any, *, size: int, name: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """Any supported input -> (size x size x 3 uint8 RGB array, notes). See the module docstring."""
+    img, notes = load_rgb(source, name=name, size=size)
+    return resize_to_model(img, size), notes
 
 
 def normalize(batch: np.ndarray, mean: Sequence[float], std: Sequence[float],
               scale: float = 255) -> np.ndarray:
-    """N x 32 x 32 x 3 uint8 -> N x 3 x 32 x 32 float32 (a transposed view of NHWC memory, i.e.
+    """N x H x W x 3 uint8 -> N x 3 x H x W float32 (a transposed view of NHWC memory, i.e.
     channels-last strides), normalized with the very float32 operations of the loaders'
     ``Normalize`` (``ffcv_pipeline.pixels``) -- ``(x - mean) * (1 / std)`` -- so the values
     are bit-identical to what the model saw in training."""

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT
+from model.project import DATA_DIR, PROJECT_ROOT as ROOT
 PORT_TAKEN = ('address already in use', 'Cannot find empty port')  # lost a free_port race
 ERROR_MARKERS = ('Could not classify', 'Internal error', 'No model loaded')
 
@@ -120,8 +120,10 @@ def launch_in_thread(demo, host: str = '127.0.0.1') -> str:
 
 
 def default_images(out_dir: Path, count: int = 8) -> list[str]:
-    """data_beton/examples/*.png when the converter wrote them, else synthetic 32x32 PNGs."""
-    found = sorted((ROOT / 'data_beton' / 'examples').glob('*.png'))
+    """A converted dataset's examples (data_beton/*/examples/*.png) when the converter wrote some,
+    else synthetic 32x32 PNGs (the app resizes any image to its model's size)."""
+    found = next((f for d in sorted((ROOT / DATA_DIR).glob('*/examples'))
+                  if (f := sorted(d.glob('*.png')))), [])
     if found:
         return [str(p) for p in found]
     import numpy as np
@@ -131,7 +133,7 @@ def default_images(out_dir: Path, count: int = 8) -> list[str]:
     paths = []
     for i in range(count):
         p = out_dir / f'synthetic_{i}.png'
-        Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(p)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     return paths
 

@@ -8,18 +8,19 @@ model carries the same keys as JSON in its ``metadata_props`` under :data:`META_
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from model.errors import UserError  # standard library only: every Space has it
-from model.project import IMAGE_SIZE
+from model.project import DATA_DIR
 
 META_KEY = 'cifar100_ffcv_meta'  # the ONNX metadata_props key holding the JSON below
-META_FORMAT_VERSION = 1
+META_FORMAT_VERSION = 2  # 2: + dataset
 # What a checkpoint's top-level keys contribute (weights and resume state are not metadata).
 CHECKPOINT_KEYS = ('model_config', 'class_names', 'coarse_names', 'fine_to_coarse',
-                   'normalization', 'image_size', 'config', 'epoch', 'metrics', 'created',
-                   'torch_version')
+                   'normalization', 'image_size', 'dataset', 'config', 'epoch', 'metrics',
+                   'created', 'torch_version')
 
 
 class ModelFileError(UserError, ValueError):
@@ -33,9 +34,10 @@ class ModelMeta:
     normalization: dict  # {'mean': [r, g, b], 'std': [r, g, b], 'scale': 255}
     model_config: dict  # {'arch': 'resnet18', 'num_classes': 100, 'width': 64}
     parameters: int
-    coarse_names: list[str] | None = None
+    image_size: int  # pixels per side the model was trained at (the dataset's)
+    coarse_names: list[str] | None = None  # superclasses, where the dataset has them
     fine_to_coarse: list[int] | None = None
-    image_size: int = IMAGE_SIZE
+    dataset: dict | None = None  # the dataset value (name, title, ...); None in older files
     config: dict = field(default_factory=dict)  # the resolved training config
     epoch: int | None = None
     metrics: dict = field(default_factory=dict)
@@ -78,13 +80,37 @@ class ModelMeta:
                                  f'for {len(self.class_names)} classes')
         if not {'mean', 'std'} <= set(self.normalization):
             raise ModelFileError(f'{what}: normalization lacks mean/std')
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ModelFileError(f'{what}: image size {self.image_size!r} is not a number of pixels')
+
+    @property
+    def title(self) -> str:
+        """The dataset's name for people ('CIFAR-10'), or '' where the file does not say."""
+        return str((self.dataset or {}).get('title') or '')
 
     def info(self) -> dict[str, Any]:
         """The fields the model panel and ``predict.py --json`` show."""
         m, cfg = self.metrics or {}, self.model_config or {}
-        return {'arch': cfg.get('arch'), 'width': cfg.get('width'),
+        return {'arch': cfg.get('arch'), 'width': cfg.get('width'), 'dataset': self.title or None,
+                'image_size': self.image_size,
                 'num_classes': len(self.class_names), 'parameters': self.parameters,
                 'epoch': self.epoch, 'epochs_planned': m.get('epochs_planned'),
                 'test_top1': m.get('test_top1'), 'test_top5': m.get('test_top5'),
                 'best_top1': m.get('best_top1'), 'train_seconds': m.get('train_seconds'),
                 'created': self.created, 'torch_version': self.torch_version}
+
+
+def dataset_folders(root: str | Path, class_names) -> list[Path]:
+    """The converted datasets under ``<root>/data_beton/`` whose classes are ``class_names`` (a
+    model's): where its example images and test data are. Reads only their ``manifest.json``
+    (either format: ``dataset.class_names``, or the older ``fine_label_names``)."""
+    names, out = list(class_names), []
+    for manifest in sorted(Path(root).glob(f'{DATA_DIR}/*/manifest.json')):
+        try:
+            m = json.loads(manifest.read_text())
+            found = (m.get('dataset') or {}).get('class_names') or m.get('fine_label_names')
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found == names:
+            out.append(manifest.parent)
+    return out

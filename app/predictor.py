@@ -1,5 +1,6 @@
-"""Images in, CIFAR-100 classes out, with either backend: PyTorch (a training or exported
-checkpoint, ``.pt``) or ONNX Runtime (``model.onnx`` from ``scripts/export.py --onnx``).
+"""Images in, classes out (of whatever dataset the model was trained on: its file says which),
+with either backend: PyTorch (a training or exported checkpoint, ``.pt``) or ONNX Runtime
+(``model.onnx`` from ``scripts/export.py --onnx``).
 
     from app.predictor import Predictor
     p = Predictor('runs/rn18/best.pt')          # or 'export/model.onnx' (no torch needed)
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT  # standard library only: every Space has it
+from model.project import PROJECT_ROOT as ROOT  # standard library only: every Space has it
 
 try:
     from .images import MAX_PIXELS, ImageError, describe, normalize, prepare_image
@@ -82,9 +83,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k fine classes (descending probability) and the superclass of the top-1 class.
+    """Top-k classes (descending probability) and, where the dataset has superclasses, the
+    superclass of the top-1 class (else None).
 
-    ``superclass_prob`` is the summed probability of all fine classes in that superclass.
+    ``superclass_prob`` is the summed probability of all classes in that superclass.
     ``probs`` holds the full softmax (all classes), ``notes`` what was done to the input.
     """
     classes: list[tuple[str, float]]
@@ -136,43 +138,41 @@ class Predictor:
         self.fine_to_coarse = np.asarray(f2c, dtype=np.int64) if f2c is not None else None
         self.mean, self.std = list(meta.normalization['mean']), list(meta.normalization['std'])
         self.scale = meta.normalization.get('scale', 255)
-        if meta.image_size != IMAGE_SIZE:
-            raise ModelFileError(f'{model_file}: the model expects {meta.image_size}px images; '
-                                 f'this predictor serves {IMAGE_SIZE}px models')
+        self.image_size = meta.image_size  # images are prepared at the size the model trained on
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- core
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Normalized N x 3 x 32 x 32 float32 -> N x classes logits (float32)."""
+        """Normalized N x 3 x H x W float32 -> N x classes logits (float32)."""
         with self._lock:  # the backend already uses every core; parallel calls would only thrash
             return self.backend.logits(np.asarray(x, dtype=np.float32))
 
     def preprocess(self, images: Iterable[Any], names: Sequence[str | None] | None = None
                    ) -> tuple[np.ndarray, list[list[str]]]:
-        """Images -> (normalized N x 3 x 32 x 32 float32 batch, notes per image)."""
+        """Images -> (normalized N x 3 x S x S float32 batch at the model's size, notes per image)."""
         arrays, notes = [], []
         images = list(images)
         names = list(names) if names is not None else [None] * len(images)
         for img, name in zip(images, names):
-            a, n = prepare_image(img, name=name)
+            a, n = prepare_image(img, size=self.image_size, name=name)
             arrays.append(a)
             notes.append(n)
         if not arrays:
             raise ImageError('no images given')
         return normalize(np.stack(arrays), self.mean, self.std, self.scale), notes
 
-    def predict(self, image: Any, topk: int = 5, *, name: str | None = None) -> Prediction:
+    def predict(self, image: Any, topk: int | None = None, *, name: str | None = None) -> Prediction:
         """One image (path, bytes, PIL image or numpy array) -> :class:`Prediction`."""
         return self.predict_batch([image], topk, names=[name])[0]
 
-    def predict_batch(self, images: Sequence[Any], topk: int = 5, *,
+    def predict_batch(self, images: Sequence[Any], topk: int | None = None, *,
                       names: Sequence[str | None] | None = None) -> list[Prediction]:
         """Several images in one forward pass; the first bad image raises :class:`ImageError`."""
         images = list(images)
         names = list(names) if names is not None else [None] * len(images)
         if len(names) != len(images):
             raise ValueError(f'{len(names)} names for {len(images)} images')
-        k = int(topk)
+        k = min(5, len(self.class_names)) if topk is None else int(topk)  # None: 5, or all of fewer
         if not 1 <= k <= len(self.class_names):
             raise ValueError(f'topk must be between 1 and {len(self.class_names)}, got {topk}')
         x, notes = self.preprocess(images, names)

@@ -6,8 +6,8 @@ Why opt-in: float32 ONNX Runtime is bound by the CPU's float32 peak (~6.5 ms per
 cores, docs/BENCHMARKS.md "Export / ONNX"); int8 runs the same network ~3x faster but moves the
 logits, so it is checked on accuracy (labelled test images), not on logit differences.
 
-Both checks need the converted arrays (``data_beton/cifar100_{train,test}.npy``, written by
-``scripts/write_datasets.py``): :data:`CALIBRATION_IMAGES` training images, seeded, set the
+Both checks need the converted arrays of the model's dataset (``<name>_{train,test}.npy`` in
+``data_beton/<name>/``, written by ``scripts/write_datasets.py``): :data:`CALIBRATION_IMAGES` training images, seeded, set the
 activation ranges; every test image is classified by the float32 and the int8 model; the export
 fails (nothing kept) if int8's top-1 is more than :data:`INT8_MAX_TOP1_DROP` below float32's.
 Export-time only: the served Space needs nothing from here (an int8 ``model.onnx`` is a plain
@@ -53,14 +53,20 @@ class Int8Check:
 
 
 def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 images N x 32 x 32 x 3, labels) from ``cifar100_<split>.npy``, checked by the
-    data side's one array check (``ffcv_pipeline.data.check_arrays``; numpy and torch only)."""
+    """(uint8 images N x S x S x 3, labels) from the ``<name>_<split>.npy`` the manifest in
+    ``data_dir`` names, checked by the data side's one array check
+    (``ffcv_pipeline.data.check_arrays``; numpy and torch only)."""
     from ffcv_pipeline.archive import DatasetError
-    from ffcv_pipeline.constants import ARRAY_NAMES
     from ffcv_pipeline.data import check_arrays
-    path = Path(data_dir) / ARRAY_NAMES[split]
+    from ffcv_pipeline.writer import manifest_dataset, read_manifest
     try:
-        arrays = check_arrays(path, reader='--int8 (calibration and the accuracy check)')
+        m = read_manifest(data_dir)
+        if m is None:
+            raise DatasetError(f'{data_dir}: no manifest.json; --int8 needs the converted arrays '
+                               f'of the model\'s dataset (run `python scripts/write_datasets.py`)')
+        ds = manifest_dataset(m, data_dir)
+        path = Path(data_dir) / ds.file(split, 'npy')
+        arrays = check_arrays(path, dataset=ds, reader='--int8 (calibration and the accuracy check)')
     except DatasetError as e:
         raise QuantizeError(f'{e} (or give --data-dir the folder it wrote)') from None
     if not len(arrays):

@@ -1,15 +1,12 @@
-"""Data side of the project: CIFAR-100 archives -> FFCV ``.beton`` files (and uint8 arrays) ->
-loaders (FFCV, or a torch DataLoader where ffcv is missing).
+"""Data side of the project: a dataset (``datasets.py``: CIFAR-100, CIFAR-10, or a folder of the
+user's images) -> FFCV ``.beton`` files (and uint8 arrays) -> loaders (FFCV, or a torch
+DataLoader where ffcv is missing).
 
 Importing this package is cheap and does not import ffcv, numba or OpenCV (the Gradio app and
 the ffcv-free loader read from here). The ffcv-dependent parts live in ``writer`` (``.beton``
 part), ``beton``, ``ops`` and ``loaders`` and are imported explicitly.
 """
-from .constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
-                        FINE_LABEL_NAMES, FINE_TO_COARSE)
-
-__all__ = ['CIFAR100_MEAN', 'CIFAR100_STD', 'FINE_LABEL_NAMES', 'COARSE_LABEL_NAMES',
-           'FINE_TO_COARSE', 'ffcv_import_error', 'ffcv_version', 'load_ffcv']
+__all__ = ['ffcv_import_error', 'ffcv_version', 'load_ffcv']
 
 
 def load_ffcv() -> None:

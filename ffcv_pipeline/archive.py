@@ -1,4 +1,6 @@
-"""Reading (and downloading) CIFAR-100 in the official ``cifar-100-python`` layout.
+"""Reading (and downloading) a dataset in CIFAR's python layout (``cifar-100-python``,
+``cifar-10-batches-py``; the members and keys come from the dataset's
+:class:`~ffcv_pipeline.datasets.PickleLayout`).
 
 Everything a user can get wrong about the input -- a truncated or corrupt archive, a missing
 member, wrong array shapes, labels out of range, a failed download -- raises
@@ -17,18 +19,14 @@ import tarfile
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from model.errors import UserError
 
-from .constants import (ARCHIVE_DIR, CIFAR100_MD5, CIFAR100_URL, IMAGE_SHAPE, NUM_COARSE,
-                        NUM_FINE)
-
-MEMBERS = ('train', 'test', 'meta')
-PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]  # 3072 values per row
+from .datasets import Dataset, PickleLayout
 
 
 class DatasetError(UserError, ValueError):
@@ -37,26 +35,27 @@ class DatasetError(UserError, ValueError):
 
 @dataclass
 class Split:
-    images: np.ndarray  # (N, 32, 32, 3) uint8, C-contiguous, RGB
-    fine: np.ndarray  # (N,) int64 in [0, 100)
-    coarse: np.ndarray  # (N,) int64 in [0, 20)
+    images: np.ndarray  # (N, H, W, 3) uint8, C-contiguous, RGB
+    labels: np.ndarray  # (N,) int64 in [0, classes)
+    superclasses: np.ndarray | None = None  # (N,) int64 in [0, superclasses), where the dataset has them
 
     def __len__(self) -> int:
-        return len(self.fine)
+        return len(self.labels)
 
 
 @dataclass
-class Cifar100:
+class SourceData:
+    """A dataset read from its source: both splits and the dataset value (with the class names
+    as the source gives them)."""
+    dataset: Dataset
     train: Split
     test: Split
-    fine_names: list[str]
-    coarse_names: list[str]
     source: str  # path the data was read from
-    md5: str  # md5 of the archive, or of the three member files for a folder
+    md5: str  # md5 of the archive, or of the member files for a folder (or a folder fingerprint)
 
     @property
     def official(self) -> bool:
-        return self.md5 == CIFAR100_MD5
+        return self.dataset.download is not None and self.md5 == self.dataset.download.md5
 
 
 def md5sum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -67,14 +66,14 @@ def md5sum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def source_md5(path: str | os.PathLike) -> str:
-    """md5 of an archive file, or a combined md5 of a folder's three member files."""
+def source_md5(path: str | os.PathLike, layout: PickleLayout) -> str:
+    """md5 of an archive file, or a combined md5 of a folder's member files."""
     path = Path(path)
     if path.is_dir():
-        folder = _member_folder(path)
+        folder = _member_folder(path, layout)
         h = hashlib.md5()
-        for name in MEMBERS:
-            h.update(md5sum(_member_path(folder, name)).encode())
+        for name in layout.members:
+            h.update(md5sum(_member_path(folder, name, layout)).encode())
         return h.hexdigest()
     try:
         return md5sum(path)
@@ -113,11 +112,11 @@ def _unpickle(raw: bytes, where: str) -> dict:
     return {(k.decode('latin1') if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _names(value, expected: int, where: str, key: str) -> list[str]:
+def _names(value, expected: int, where: str, key: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != expected:
         n = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
         raise DatasetError(f'{where}: {key!r} must list {expected} names, found {n}')
-    return [v.decode('latin1') if isinstance(v, bytes) else str(v) for v in value]
+    return tuple(v.decode('latin1') if isinstance(v, bytes) else str(v) for v in value)
 
 
 def _labels(value, n: int, upper: int, where: str, key: str) -> np.ndarray:
@@ -134,14 +133,16 @@ def _labels(value, n: int, upper: int, where: str, key: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _split(d: dict, where: str) -> Split:
-    for key in ('data', 'fine_labels', 'coarse_labels'):
+def _split(d: dict, where: str, ds: Dataset) -> Split:
+    layout, s = ds.layout, ds.image_size
+    keys = ('data', layout.labels) + ((layout.superclass_labels,) if layout.superclass_labels else ())
+    for key in keys:
         if key not in d:
             raise DatasetError(f'{where}: missing key {key!r} (found {sorted(map(str, d))})')
-    data = d['data']
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != PIXELS:
+    data, pixels = d['data'], 3 * s * s
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != pixels:
         shape = getattr(data, 'shape', type(data).__name__)
-        raise DatasetError(f"{where}: 'data' must be an N x {PIXELS} uint8 array, found {shape}")
+        raise DatasetError(f"{where}: 'data' must be an N x {pixels} uint8 array, found {shape}")
     if data.dtype != np.uint8:
         if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
             raise DatasetError(f"{where}: 'data' must hold uint8 pixels, found dtype {data.dtype}")
@@ -149,61 +150,75 @@ def _split(d: dict, where: str) -> Split:
     n = data.shape[0]
     if n == 0:
         raise DatasetError(f"{where}: 'data' holds no images")
-    fine = _labels(d['fine_labels'], n, NUM_FINE, where, 'fine_labels')
-    coarse = _labels(d['coarse_labels'], n, NUM_COARSE, where, 'coarse_labels')
-    # rows are 1024 R, 1024 G, 1024 B values, row-major -> (N, H, W, C)
-    h, w, c = IMAGE_SHAPE
-    images = np.ascontiguousarray(data.reshape(n, c, h, w).transpose(0, 2, 3, 1))
-    return Split(images, fine, coarse)
+    labels = _labels(d[layout.labels], n, ds.num_classes, where, layout.labels)
+    sup = (_labels(d[layout.superclass_labels], n, len(ds.superclass_names), where, layout.superclass_labels)
+           if layout.superclass_labels else None)
+    # rows are H*W R values, then G, then B, row-major -> (N, H, W, C)
+    images = np.ascontiguousarray(data.reshape(n, 3, s, s).transpose(0, 2, 3, 1))
+    return Split(images, labels, sup)
 
 
-def _parse(raw: dict[str, bytes], where: str, source: str, md5: str) -> Cifar100:
-    meta = _unpickle(raw['meta'], f'{where}/meta')
-    for key in ('fine_label_names', 'coarse_label_names'):
+def _concat(splits: list[Split]) -> Split:
+    if len(splits) == 1:
+        return splits[0]
+    sup = None if splits[0].superclasses is None else np.concatenate([s.superclasses for s in splits])
+    return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]), sup)
+
+
+def _parse(raw: dict[str, bytes], where: str, source: str, md5: str, ds: Dataset) -> SourceData:
+    layout = ds.layout
+    meta_where = f'{where}/{layout.meta}'
+    meta = _unpickle(raw[layout.meta], meta_where)
+    keys = (layout.names,) + ((layout.superclass_names,) if layout.superclass_names else ())
+    for key in keys:
         if key not in meta:
-            raise DatasetError(f'{where}/meta: missing key {key!r}')
-    fine_names = _names(meta['fine_label_names'], NUM_FINE, f'{where}/meta', 'fine_label_names')
-    coarse_names = _names(meta['coarse_label_names'], NUM_COARSE, f'{where}/meta', 'coarse_label_names')
-    train = _split(_unpickle(raw['train'], f'{where}/train'), f'{where}/train')
-    test = _split(_unpickle(raw['test'], f'{where}/test'), f'{where}/test')
-    return Cifar100(train, test, fine_names, coarse_names, source, md5)
+            raise DatasetError(f'{meta_where}: missing key {key!r}')
+    # the source's own names (the official ones; a re-split archive keeps them)
+    names = _names(meta[layout.names], ds.num_classes, meta_where, layout.names)
+    sup_names = (_names(meta[layout.superclass_names], len(ds.superclass_names), meta_where,
+                        layout.superclass_names) if layout.superclass_names else ds.superclass_names)
+    ds = replace(ds, class_names=names, superclass_names=sup_names)
+    train = _concat([_split(_unpickle(raw[m], f'{where}/{m}'), f'{where}/{m}', ds) for m in layout.train])
+    test = _concat([_split(_unpickle(raw[m], f'{where}/{m}'), f'{where}/{m}', ds) for m in layout.test])
+    return SourceData(ds, train, test, source, md5)
 
 
 # --- sources: archive or folder ------------------------------------------------------------------
-def _member_folder(path: Path) -> Path:
-    """The folder holding train/test/meta: ``path`` itself or ``path/cifar-100-python``."""
-    if (path / ARCHIVE_DIR).is_dir():
-        return path / ARCHIVE_DIR
+def _member_folder(path: Path, layout: PickleLayout) -> Path:
+    """The folder holding the members: ``path`` itself or ``path/<layout.folder>``."""
+    if (path / layout.folder).is_dir():
+        return path / layout.folder
     return path
 
 
-def _member_path(folder: Path, name: str) -> Path:
+def _member_path(folder: Path, name: str, layout: PickleLayout) -> Path:
     p = folder / name
     if not p.is_file():
-        raise DatasetError(f'{folder}: missing member {name!r} (expected {ARCHIVE_DIR}/{{train,test,meta}})')
+        raise DatasetError(f'{folder}: missing member {name!r} (expected {layout.folder}/'
+                           f'{{{",".join(layout.members)}}})')
     return p
 
 
-def _read_folder(path: Path, md5: str) -> Cifar100:
-    folder = _member_folder(path)
+def _read_folder(path: Path, md5: str, ds: Dataset) -> SourceData:
+    folder = _member_folder(path, ds.layout)
     raw = {}
-    for name in MEMBERS:
-        p = _member_path(folder, name)
+    for name in ds.layout.members:
+        p = _member_path(folder, name, ds.layout)
         try:
             raw[name] = p.read_bytes()
         except OSError as e:
             raise DatasetError(f'{p}: cannot read ({e.strerror or e})') from None
-    return _parse(raw, str(folder), str(path), md5)
+    return _parse(raw, str(folder), str(path), md5, ds)
 
 
-def _read_archive(path: Path, md5: str) -> Cifar100:
-    raw: dict[str, bytes] = {}
+def _read_archive(path: Path, md5: str, ds: Dataset) -> SourceData:
+    layout, raw = ds.layout, {}
     try:
         with tarfile.open(path, 'r:*') as tar:
             for member in tar:
                 parts = Path(member.name).parts
-                if member.isfile() and len(parts) >= 1 and parts[-1] in MEMBERS and \
-                        (len(parts) == 1 or parts[-2] == ARCHIVE_DIR):
+                if member.isfile() and len(parts) >= 1 and parts[-1] in layout.members and \
+                        (len(parts) == 1 or parts[-2] == layout.folder):
                     f = tar.extractfile(member)
                     raw[parts[-1]] = f.read()
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
@@ -211,25 +226,31 @@ def _read_archive(path: Path, md5: str) -> Cifar100:
         if 'could not be opened' in reason:  # tarfile tried every compression and gave up
             reason = 'not a tar, tar.gz, tar.bz2 or tar.xz file'
         raise DatasetError(f'{path}: corrupt or truncated archive ({reason})') from None
-    missing = [m for m in MEMBERS if m not in raw]
+    missing = [m for m in layout.members if m not in raw]
     if missing:
-        raise DatasetError(f'{path}: missing member {ARCHIVE_DIR}/{missing[0]} in the archive')
-    return _parse(raw, f'{path}:{ARCHIVE_DIR}', str(path), md5)
+        hint = ''
+        if not any(m in raw for m in layout.members):
+            hint = f' (is it an archive of {ds.title}? none of its members are there)'
+        raise DatasetError(f'{path}: missing member {layout.folder}/{missing[0]} in the archive{hint}')
+    return _parse(raw, f'{path}:{layout.folder}', str(path), md5, ds)
 
 
-def read_cifar100(source: str | os.PathLike, md5: str | None = None) -> Cifar100:
-    """Read and validate CIFAR-100 from an archive (``.tar.gz``) or an extracted folder."""
+def read_archive(dataset: Dataset, source: str | os.PathLike, md5: str | None = None) -> SourceData:
+    """Read and validate ``dataset`` from an archive (``.tar.gz``) or an extracted folder in its
+    layout (``dataset.layout``)."""
+    if dataset.layout is None:
+        raise ValueError(f'{dataset.name} has no archive layout to read')
     path = Path(source)
     if not path.exists():
         raise DatasetError(f'{path}: no such file or folder')
-    md5 = md5 or source_md5(path)
+    md5 = md5 or source_md5(path, dataset.layout)
     if path.is_dir():
-        return _read_folder(path, md5)
-    return _read_archive(path, md5)
+        return _read_folder(path, md5, dataset)
+    return _read_archive(path, md5, dataset)
 
 
-def download(dest: str | os.PathLike, url: str = CIFAR100_URL, md5: str = CIFAR100_MD5,
-             progress: bool = True, timeout: float = 60.0) -> Path:
+def download(dest: str | os.PathLike, url: str, md5: str, progress: bool = True,
+             timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` (via ``dest.part``), checking its md5; returns ``dest``."""
     from tqdm import tqdm
 

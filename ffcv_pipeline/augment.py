@@ -27,10 +27,30 @@ LOW32 = np.uint64(0xFFFFFFFF)
 FLIP_THRESHOLD = np.uint64(2**31)  # flip when the low 32 bits are below: probability 1/2
 
 
-def settings(acfg) -> dict:
-    """The config's ``augment`` section as the keyword arguments of :func:`augment_batch` and
-    the FFCV pipeline (``loaders.train_pipeline``), less ``fill``: the one mapping of its keys."""
-    return dict(flip=bool(acfg.flip), padding=int(acfg.translate), cutout=int(acfg.cutout))
+def auto_translate(image_size: int) -> int:
+    """``augment.translate: null``: the standard pad-4 crop at 32 px, scaled with the size."""
+    return max(1, round(image_size / 8))
+
+
+def auto_cutout(image_size: int) -> int:
+    """``augment.cutout: null``: 8 px at 32 px (DeVries & Taylor 2017, CIFAR-100), scaled."""
+    return max(1, round(image_size / 4))
+
+
+def settings(acfg, image_size: int) -> dict:
+    """The config's ``augment`` section for ``image_size`` pixel images as the keyword arguments
+    of :func:`augment_batch` and the FFCV pipeline (``loaders.train_pipeline``), less ``fill``:
+    the one mapping of its keys. ``null`` (auto) scales with the size; a value that does not
+    fit the image raises ``ValueError`` naming the key."""
+    padding = auto_translate(image_size) if acfg.translate is None else int(acfg.translate)
+    cutout = auto_cutout(image_size) if acfg.cutout is None else int(acfg.cutout)
+    if not 0 <= padding < image_size:
+        raise ValueError(f'augment.translate: {padding} must lie in [0, {image_size - 1}] for '
+                         f'{image_size}x{image_size} images')
+    if not 0 <= cutout <= image_size:
+        raise ValueError(f'augment.cutout: {cutout} must lie in [0, {image_size}] for '
+                         f'{image_size}x{image_size} images')
+    return dict(flip=bool(acfg.flip), padding=padding, cutout=cutout)
 
 
 def mix64(z):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from .archive import DatasetError
-from .constants import IMAGE_SHAPE
 
 FIX = 'rewrite it with `python scripts/write_datasets.py --force`'
 # name -> ffcv type id (ffcv.types.TYPE_ID_HANDLER): what scripts/write_datasets.py writes
@@ -28,10 +27,12 @@ def _fail(path: Path, what: str) -> DatasetError:
     return DatasetError(f'{path}: {what}; {FIX}')
 
 
-def check_beton(path: str | os.PathLike, *, expected: dict | None = None) -> int:
-    """Raise :class:`DatasetError` unless ``path`` is a complete CIFAR ``.beton`` as
+def check_beton(path: str | os.PathLike, *, expected: dict | None = None,
+                image_size: int | None = None) -> int:
+    """Raise :class:`DatasetError` unless ``path`` is a complete ``.beton`` as
     ``write_datasets.py`` writes it; returns its sample count. ``expected``: the manifest's
-    entry for this split (``{'count': ..., 'bytes': ...}``), checked when given."""
+    entry for this split (``{'count': ..., 'bytes': ...}``), checked when given; ``image_size``:
+    the dataset's (every image must have it; else all images one square size)."""
     from . import load_ffcv
     load_ffcv()
     from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType,
@@ -72,11 +73,13 @@ def check_beton(path: str | os.PathLike, *, expected: dict | None = None) -> int
                           f'{(size - table_at) / ALLOC_TABLE_TYPE.itemsize:,.1f} entries for {n:,} images)')
     table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table_at)
     image = np.fromfile(path, dtype=meta_type, count=n, offset=desc_end)[f'f{names.index("image")}']
-    h, w, c = IMAGE_SHAPE
+    h = w = image_size if image_size is not None else (int(image['height'][0]) if n else 0)
     if n and (np.any(image['height'] != h) or np.any(image['width'] != w)
               or np.any(table['ptr'] + table['size'] > table_at) or np.any(table['sample_id'] >= n)
-              or np.any(image['data_ptr'] + h * w * c > table_at)):
-        raise _fail(path, f'corrupt: image records point outside the file or are not {h}x{w} pixels')
+              or np.any(image['data_ptr'] + h * w * 3 > table_at)):
+        got = f'{int(image["height"][0])}x{int(image["width"][0])}'
+        raise _fail(path, f'corrupt: image records point outside the file or are not {h}x{w} pixels '
+                          f'(the first is {got})')
     if expected:
         if expected.get('count') is not None and n != expected['count']:
             raise _fail(path, f'holds {n:,} images but manifest.json records {expected["count"]:,}')
@@ -107,12 +110,12 @@ def _column(reader, field: str) -> np.ndarray:
 
 
 def beton_labels(path: str | os.PathLike) -> np.ndarray:
-    """Fine labels of a ``.beton``, read from its metadata table (no decoding)."""
+    """Labels of a ``.beton``, read from its metadata table (no decoding)."""
     return np.asarray(_column(_reader(path), 'label')).astype(np.int64).ravel()
 
 
 def read_beton_images(path: str | os.PathLike, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 NHWC images, int64 fine labels) of a raw-mode CIFAR ``.beton``, read with numpy
+    """(uint8 NHWC images, int64 labels) of a raw-mode ``.beton``, read with numpy
     (no loader, no JIT): the resident test set's source. ``indices``: a subset, in that order."""
     reader = _reader(path)
     image = _column(reader, 'image')
@@ -121,7 +124,7 @@ def read_beton_images(path: str | os.PathLike, indices: np.ndarray | None = None
     if np.any(image['mode'][idx] != RAW_MODE):
         raise DatasetError(f'{path}: holds JPEG-compressed images; the resident test set reads raw '
                            f'pixels ({FIX}, which writes raw images)')
-    h, w, c = IMAGE_SHAPE
+    h, w, c = (int(image['height'][0]), int(image['width'][0]), 3) if len(image) else (0, 0, 3)
     data = np.memmap(path, dtype=np.uint8, mode='r')
     out = np.empty((len(idx), h, w, c), np.uint8)
     for i, p in enumerate(image['data_ptr'][idx].astype(np.int64)):  # 10,000 slices: ~10 ms

@@ -1,4 +1,4 @@
-"""FFCV loaders for CIFAR-100: JIT crop/flip/cutout on uint8, normalization on the device.
+"""FFCV loaders: JIT crop/flip/cutout on uint8, normalization on the device.
 
     train: decode -> flip -> translate(pad 4) -> cutout -> to tensor -> to device (non-blocking)
            -> channels-last torch image -> fp16/bf16/fp32 -> (x - mean) / std on the device
@@ -29,7 +29,6 @@ from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from .constants import CIFAR100_MEAN, CIFAR100_STD
 from .ffcv_patches import apply_loader_patches, stable_quasi_random
 from .ops import AugmentationState, Cutout, NormalizeToFloat, RandomHorizontalFlip, RandomTranslate
 from .pixels import Normalize, fill_colour, normalization_table
@@ -81,8 +80,8 @@ def augmentation(state: AugmentationState, *, flip: bool, padding: int, cutout: 
 
 
 def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
-                   flip: bool, padding: int, cutout: int, channels_last: bool = True,
-                   mean=CIFAR100_MEAN, std=CIFAR100_STD, normalize: bool = True,
+                   flip: bool, padding: int, cutout: int, mean, std, channels_last: bool = True,
+                   normalize: bool = True,
                    ffcv_builtin: bool = False) -> dict[str, list]:
     """The training augmentation (settings: the config's ``augment`` section, one source).
     ``normalize=False`` ends at uint8 torch images; ``ffcv_builtin``: see :func:`augmentation`."""
@@ -93,8 +92,8 @@ def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: Augmentat
     return {'image': image, 'label': label_pipeline(device=device)}
 
 
-def test_pipeline(*, device: torch.device, dtype: torch.dtype, channels_last: bool = True,
-                  mean=CIFAR100_MEAN, std=CIFAR100_STD) -> dict[str, list]:
+def test_pipeline(*, device: torch.device, dtype: torch.dtype, mean, std,
+                  channels_last: bool = True) -> dict[str, list]:
     return {'image': [SimpleRGBImageDecoder()] + _tail(device, dtype, mean, std, channels_last),
             'label': label_pipeline(device=device)}
 

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .constants import CIFAR100_MEAN, CIFAR100_STD
-
 
 class Normalize(torch.nn.Module):
     """uint8 NCHW (any memory format) -> ``dtype``, ``(x - mean) * (1 / std)``; keeps the layout.
@@ -24,7 +22,7 @@ class Normalize(torch.nn.Module):
     the exported model (``app.images.normalize`` runs the same float32 operations).
     """
 
-    def __init__(self, mean=CIFAR100_MEAN, std=CIFAR100_STD, dtype=torch.float16):
+    def __init__(self, mean, std, dtype=torch.float16):
         super().__init__()
         self.dtype = dtype
         self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -42,7 +40,7 @@ class Normalize(torch.nn.Module):
         return x if self.dtype == torch.float32 else x.to(self.dtype)
 
 
-def normalization_table(mean=CIFAR100_MEAN, std=CIFAR100_STD) -> np.ndarray:
+def normalization_table(mean, std) -> np.ndarray:
     """(256, channels) float32: :class:`Normalize`'s own arithmetic -- float32
     ``(v - mean) * (1 / std)`` -- for every uint8 value ``v``. FFCV's CPU pipeline looks values
     up here, so every path gives the same bits for the same pixel (a
@@ -52,12 +50,12 @@ def normalization_table(mean=CIFAR100_MEAN, std=CIFAR100_STD) -> np.ndarray:
     return (v - np.asarray(mean, np.float32)) * inv_std
 
 
-def fill_colour(mean=CIFAR100_MEAN) -> tuple[int, int, int]:
+def fill_colour(mean) -> tuple[int, int, int]:
     """Padding/cutout fill the mean colour: zero after normalization, as in FFCV's CIFAR example."""
     return tuple(int(round(m)) for m in mean)
 
 
 def load_arrays(path: str | Path) -> np.ndarray:
-    """A split's structured array (fields ``image`` (32, 32, 3) uint8, ``label``, ``coarse_label``),
+    """A split's structured array (fields ``image`` (H, W, 3) uint8, ``label``, maybe ``coarse_label``),
     memory-mapped: workers share the page cache instead of copying 150 MB each."""
     return np.load(path, mmap_mode='r')

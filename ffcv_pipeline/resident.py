@@ -1,10 +1,10 @@
 """The test split as one uint8 tensor on the device: evaluation without a loader.
 
-    test = ResidentSplit.from_file('data_beton/cifar100_test.beton', device=dev, dtype=torch.bfloat16,
-                                   batch_size=512, indices=None)
+    test = ResidentSplit.from_file('data_beton/cifar100/cifar100_test.beton', device=dev,
+                                   dtype=torch.bfloat16, batch_size=512, mean=ds.mean, std=ds.std)
     for x, y in test.epoch(0): ...   # normalized channels-last batches of exactly 512 images
 
-10,000 CIFAR images are 30 MB: they fit on any device, so evaluation needs no second FFCV
+10,000 CIFAR images are 30 MB (at 64x64, 120 MB): they fit on any device, so evaluation needs no second FFCV
 pipeline (whose numba JIT costs ~1 s per process) and no loading thread. Every batch has the
 same shape -- the training batch size -- so cuDNN tunes no second set of kernels; the last
 batch is padded with blank images whose label is :data:`PAD_LABEL` (-1), which no prediction
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .constants import CIFAR100_MEAN, CIFAR100_STD
 from .pixels import Normalize, load_arrays
 
 PAD_LABEL = -1
@@ -41,8 +40,7 @@ class ResidentSplit:
     ``close``) with fixed-shape, padded batches."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, device: torch.device,
-                 dtype: torch.dtype, batch_size: int, channels_last: bool = True,
-                 mean=CIFAR100_MEAN, std=CIFAR100_STD):
+                 dtype: torch.dtype, batch_size: int, mean, std, channels_last: bool = True):
         n = len(labels)
         self.batch_size, self.channels_last, self.num_samples = batch_size, channels_last, n
         padded = -(-n // batch_size) * batch_size if n else 0

@@ -1,9 +1,10 @@
 """The loader for hosts without ffcv (``data.loader: torchvision``): a torch ``DataLoader`` over
 the uint8 arrays ``write_datasets.py`` stores beside the ``.beton`` files.
 
-    loader = make_torch_loader('data_beton/cifar100_train.npy', batch_size=512, num_workers=8,
-                               device=torch.device('cuda'), dtype=torch.bfloat16, seed=0,
-                               train=True, augment=dict(flip=True, padding=4, cutout=8))
+    loader = make_torch_loader('data_beton/cifar100/cifar100_train.npy', batch_size=512,
+                               num_workers=8, device=torch.device('cuda'), dtype=torch.bfloat16,
+                               seed=0, train=True, augment=dict(flip=True, padding=4, cutout=8),
+                               mean=ds.mean, std=ds.std)
     for x, y in loader.epoch(3): ...   # normalized channels-last batches on the device
 
 Same batches in distribution *and* in pixels as the FFCV loader: each worker augments a whole
@@ -22,7 +23,6 @@ import torch
 
 from .augment import augment_batch
 from .pixels import Normalize, fill_colour, load_arrays
-from .constants import CIFAR100_MEAN, CIFAR100_STD
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -79,6 +79,15 @@ def _keep(batch):  # the dataset already returns the batch: no collation (pickla
     return batch
 
 
+def _worker_ignores_ctrl_c(_worker_id: int) -> None:
+    """A terminal's Ctrl-C goes to the whole process group, loader workers included: a worker
+    that died of it made the trainer's next batch fail ("DataLoader worker ... exited
+    unexpectedly") instead of the clean stop at a batch boundary. The trainer handles Ctrl-C and
+    ends its workers itself (``close``); they also exit when the trainer dies."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class TorchLoader:
     """The loader interface (``ffcv_pipeline.interface.Batches``) over a torch ``DataLoader``."""
@@ -122,7 +131,7 @@ def make_torch_loader(path: str | Path, *, batch_size: int, num_workers: int, de
                       dtype: torch.dtype, seed: int, train: bool, augment: dict | None = None,
                       indices: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
                       shuffle: bool | None = None, prefetch: int = 2, channels_last: bool = True,
-                      mean=CIFAR100_MEAN, std=CIFAR100_STD) -> TorchLoader:
+                      mean, std) -> TorchLoader:
     """``train``: shuffled, ``drop_last``, augmented with ``augment`` (flip/padding/cutout,
     filled with the mean colour); else sequential and plain. ``indices``: a subset."""
     n = len(load_arrays(path))
@@ -134,6 +143,6 @@ def make_torch_loader(path: str | Path, *, batch_size: int, num_workers: int, de
                             seed=seed, drop_last=train, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
         _Batches(path, seed=seed, augment=aug), batch_sampler=sampler, collate_fn=_keep,
-        num_workers=num_workers, pin_memory=device.type == 'cuda',
+        num_workers=num_workers, pin_memory=device.type == 'cuda', worker_init_fn=_worker_ignores_ctrl_c,
         persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)
     return TorchLoader(loader, sampler, device, Normalize(mean, std, dtype), channels_last)

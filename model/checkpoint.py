@@ -6,9 +6,13 @@ A checkpoint is a dict saved with ``torch.save``::
     format_version    1
     model             state_dict of the bare model (unwrapped from DDP and torch.compile), fp32
     model_config      {'arch': 'resnet18', 'num_classes': 100, 'width': 64}
-    class_names       100 fine label names;  coarse_names: 20 names;  fine_to_coarse: 100 ints
+    dataset           the dataset value (``ffcv_pipeline.datasets.Dataset.to_dict``: name, title,
+                      class names, superclasses, image size, mean/std); absent before it existed
+                      (then CIFAR-100). From it, for every reader of format 1 (the app, a Space):
+    class_names       the class names;  coarse_names / fine_to_coarse: superclass names and the
+                      class -> superclass map, or None where the dataset has no superclasses
     normalization     {'mean': [r, g, b], 'std': [r, g, b], 'scale': 255}  (pixels on 0-255)
-    image_size        32
+    image_size        pixels per side
     config            the full resolved training config (dict)
     epoch             epochs completed;  step: optimizer steps taken
     metrics           {'test_top1', 'test_top5', 'best_top1', 'epochs_planned', 'params',
@@ -33,7 +37,7 @@ import torch
 
 from .fileio import atomic_write
 from .errors import UserError
-from .project import IMAGE_SIZE, RUNS_DIR
+from .project import RUNS_DIR
 from .registry import ARCHS, build_model
 
 FORMAT = 'cifar100-ffcv-checkpoint'
@@ -120,11 +124,12 @@ def model_state(model: torch.nn.Module) -> dict:
             for k, v in unwrap(model).state_dict().items()}
 
 
-def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, coarse_names,
-                    fine_to_coarse, mean, std, config: dict | None = None, epoch: int = 0,
-                    step: int = 0, metrics: dict | None = None, host: bool = True, **extra) -> dict:
+def make_checkpoint(model: torch.nn.Module, *, model_config: dict, dataset: dict,
+                    config: dict | None = None, epoch: int = 0, step: int = 0,
+                    metrics: dict | None = None, host: bool = True, **extra) -> dict:
     """The inference part of a checkpoint (the trainer adds optimizer/scaler/RNG states).
-    ``host=False``: the weights stay where they are (the trainer's snapshot copies them)."""
+    ``dataset``: the dataset value as a dict (``Dataset.to_dict()``). ``host=False``: the weights
+    stay where they are (the trainer's snapshot copies them)."""
     import datetime as _dt
     state = model_state(model)
     if host:
@@ -132,15 +137,20 @@ def make_checkpoint(model: torch.nn.Module, *, model_config: dict, class_names, 
     return {
         'format': FORMAT, 'format_version': FORMAT_VERSION,
         'model': state, 'model_config': dict(model_config),
-        'class_names': list(class_names), 'coarse_names': list(coarse_names),
-        'fine_to_coarse': [int(c) for c in fine_to_coarse],
-        'normalization': {'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
-                          'scale': 255},
-        'image_size': IMAGE_SIZE, 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
+        'dataset': dict(dataset), 'class_names': list(dataset['class_names']),
+        'coarse_names': _list_or_none(dataset.get('superclass_names'), str),
+        'fine_to_coarse': _list_or_none(dataset.get('superclass_of'), int),
+        'normalization': {'mean': [float(m) for m in dataset['mean']],
+                          'std': [float(s) for s in dataset['std']], 'scale': 255},
+        'image_size': int(dataset['image_size']), 'config': config or {}, 'epoch': int(epoch), 'step': int(step),
         'metrics': dict(metrics or {}),
         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
         'torch_version': str(torch.__version__), **extra,
     }
+
+
+def _list_or_none(v, kind):
+    return None if v is None else [kind(x) for x in v]
 
 
 def slim_checkpoint(ckpt: dict, *, fp16: bool = False) -> dict:

@@ -10,4 +10,4 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNS_DIR = 'runs'  # run folders: <root>/runs/<name>/ (training's output.dir default)
-IMAGE_SIZE = 32  # pixels per side: CIFAR-100's images, what the model's stem and the app take
+DATA_DIR = 'data_beton'  # converted datasets: <root>/data_beton/<name>/ (write_datasets.py's default)

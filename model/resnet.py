@@ -1,4 +1,4 @@
-"""ResNet-18 for 32x32 images (He et al. 2016, CIFAR variant).
+"""ResNet-18 for small images (He et al. 2016, CIFAR variant).
 
 Differences from the ImageNet model, as usual for CIFAR: a 3x3 stride-1 stem and no max-pool,
 so the four stages run at 32, 16, 8 and 4 pixels. With 100 classes it has 11,220,132
@@ -32,10 +32,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """For :data:`~model.project.IMAGE_SIZE` pixel inputs: the only size the stem is meant for."""
+    """For small images (32 px: CIFAR; 64 px trains too, at 4x the compute): the 3x3 stem keeps
+    the full resolution, the global average pool takes any size."""
 
-    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 100,
-                 width: int = 64):
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), *, num_classes: int, width: int = 64):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),  # 3x3, stride 1
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))  # no max-pool

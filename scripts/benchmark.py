@@ -46,13 +46,13 @@ def main(argv=None) -> int:
         raise UserError(f'--loaders: {args.loaders!r}; choose from {list(LOADERS)}')
     overrides = []
     if args.data_dir:
-        from ffcv_pipeline.constants import BETON_NAMES
-        overrides += [f'data.{k}_path={Path(args.data_dir) / v}' for k, v in BETON_NAMES.items()]
+        from ffcv_pipeline.writer import split_files
+        overrides += [f'data.{k}_path={v}' for k, v in split_files(args.data_dir).items()]
     if args.batch_size:
         overrides.append(f'data.batch_size={args.batch_size}')
     archive = args.archive
     if archive is None and not args.tiny:
-        archive = next((c for c in (ROOT / 'data_beton' / 'cifar-100-python.tar.gz', SHARED_ARCHIVE)
+        archive = next((c for c in (ROOT / 'data_beton' / 'cifar100' / 'cifar-100-python.tar.gz', SHARED_ARCHIVE)
                         if c.is_file()), None)
     s = Settings(config=args.config, overrides=overrides, device=args.device, workers=args.workers,
                  loaders=loaders, epochs=args.epochs, compile=args.compile, archive=archive)

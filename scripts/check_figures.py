@@ -38,15 +38,15 @@ def predictor_p50(data_dir: Path, tmp: Path, n: int) -> dict:
     """p50 of ``predict.py --benchmark`` for an untrained full-width ResNet-18 (the same compute as
     a trained one): ONNX Runtime export, torch compiled, torch eager."""
     import torch
-    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
+    from ffcv_pipeline.datasets import get_dataset
     from model import build_model
     from model.checkpoint import atomic_save, make_checkpoint
     torch.manual_seed(0)
     ckpt = tmp / 'rn18.pt'
-    model_config = {'arch': 'resnet18', 'num_classes': 100, 'width': 64}
+    ds = get_dataset('cifar100')  # the headline's dataset
+    model_config = {'arch': 'resnet18', 'num_classes': ds.num_classes, 'width': 64}
     atomic_save(make_checkpoint(build_model(model_config), model_config=model_config,
-                                class_names=FINE_LABEL_NAMES, coarse_names=COARSE_LABEL_NAMES,
-                                fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD), ckpt)
+                                dataset=ds.to_dict()), ckpt)
     image = next(iter(sorted((data_dir / 'examples').glob('*.png'))), None)
     if image is None:
         raise UserError(f'{data_dir}/examples: no example images; run `make data` first')
@@ -67,8 +67,8 @@ def predictor_p50(data_dir: Path, tmp: Path, n: int) -> dict:
 
 def measure(args) -> dict:
     from training.benchmark import Bench, Settings, bench_conversion
-    overrides = [f'data.{k}_path={Path(args.data_dir) / v}' for k, v in
-                 {'train': 'cifar100_train.beton', 'test': 'cifar100_test.beton'}.items()]
+    from ffcv_pipeline.writer import split_files
+    overrides = [f'data.{k}_path={v}' for k, v in split_files(args.data_dir).items()]
     b = Bench(Settings(config='rn18.yaml', overrides=overrides, device='cpu', epochs=args.epochs))
     figures = {}
     print('loaders: FFCV and classic torchvision, full training set ...', flush=True)
@@ -107,15 +107,16 @@ def verdicts(figures: dict) -> list[tuple[str, str, str, str]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--data-dir', default=str(ROOT / 'data_beton'), help='converted data (default: %(default)s)')
+    p.add_argument('--data-dir', default=str(ROOT / 'data_beton' / 'cifar100'),
+                   help='converted data (default: %(default)s)')
     p.add_argument('--archive', help=f'CIFAR-100 archive for the conversion timing (default: the one in '
                    f'--data-dir, else {SHARED_ARCHIVE})')
     p.add_argument('--epochs', type=int, default=2, help='timed loader epochs after the warm-up (default 2)')
     p.add_argument('--latency-n', type=int, default=200, help='predictions per latency figure (default 200)')
     p.add_argument('--json', help='also write the figures here')
     args = p.parse_args(argv)
-    if not (Path(args.data_dir) / 'cifar100_train.beton').is_file():
-        raise UserError(f'{args.data_dir}/cifar100_train.beton: no such file; run `make data` first')
+    if not (Path(args.data_dir) / 'manifest.json').is_file():
+        raise UserError(f'{args.data_dir}/manifest.json: no such file; run `make data` first')
     figures = measure(args)
     rows = verdicts(figures)
     width = [max(len(r[i]) for r in rows + [('figure', 'measured', 'bar', 'verdict')]) for i in range(4)]

@@ -33,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          'on training images, kept only if test top-1 drops by at most 1 point')
     ap.add_argument('--force', action='store_true',
                     help='replace files in --out that no earlier export wrote (default: refuse, naming them)')
-    ap.add_argument('--data-dir', help="converted data for --int8 (cifar100_{train,test}.npy; "
-                                       "default: the project's data_beton/)")
+    ap.add_argument('--data-dir', help="converted data for --int8 (the model's dataset's .npy arrays; "
+                                       "default: the data_beton/<dataset>/ with the model's classes)")
     return ap.parse_args(argv)
 
 

@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          '$MODEL_PATH, else the newest runs/*/best.pt')
     ap.add_argument('--backend', choices=BACKENDS,
                     help='torch or onnx (default: by the file name, .onnx -> onnx)')
-    ap.add_argument('--topk', type=int, default=5, help='classes to show per image (default 5)')
+    ap.add_argument('--topk', type=int, default=None,
+                    help='classes to show per image (default 5, or all of a dataset with fewer)')
     ap.add_argument('--json', action='store_true', help='print JSON instead of a table')
     # Off here (a one-shot command would pay 5-30 s to save ~2 ms); on by default in the app.
     ap.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
         raise ModelFileError(NO_CHECKPOINT_MESSAGE)
     predictor = Predictor(path, backend=args.backend, compile_model=args.compile,
                           num_threads=args.threads)
+    if args.topk is None:
+        args.topk = min(5, len(predictor.class_names))
     if not 1 <= args.topk <= len(predictor.class_names):  # the user's option: one line
         raise UserError(f'--topk must be between 1 and {len(predictor.class_names)}, got {args.topk}')
     if args.benchmark:

@@ -1,4 +1,4 @@
-"""Train ResNet-18 on the CIFAR-100 .beton files.
+"""Train ResNet-18 on a dataset's .beton files (CIFAR-100 by default; data.dataset picks another).
 
     python scripts/train.py --config rn18.yaml                      # configs/rn18.yaml
     python scripts/train.py --config rn18.yaml --training.epochs 2  # dotted overrides
@@ -18,7 +18,7 @@ from _cli import run
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        description='Train on the CIFAR-100 .beton files; extra --section.key VALUE arguments '
+        description='Train on a dataset\'s .beton files; extra --section.key VALUE arguments '
                     'override the config (e.g. --training.epochs 2 --training.device cpu).',
         epilog=__doc__.split('\n\n')[1])
     p.add_argument('--config', help='config file or bare name in configs/ (e.g. rn18.yaml)')

@@ -24,10 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_pipeline.constants import BETON_NAMES, COARSE_LABEL_NAMES, FINE_LABEL_NAMES, FINE_TO_COARSE
+from ffcv_pipeline.datasets import CIFAR10, CIFAR100, SPLITS
 from model.project import PROJECT_ROOT as ROOT
 
 PY = sys.executable
+# CIFAR-100's file names and constants, as the tests use them (the product reads them from the
+# dataset value, ffcv_pipeline/datasets.py)
+BETON_NAMES = {s: CIFAR100.file(s) for s in SPLITS}
+ARRAY_NAMES = {s: CIFAR100.file(s, 'npy') for s in SPLITS}
+MANIFEST_NAME = 'manifest.json'
+FINE_LABEL_NAMES, COARSE_LABEL_NAMES = CIFAR100.class_names, CIFAR100.superclass_names
+FINE_TO_COARSE = CIFAR100.superclass_of
+CIFAR100_MEAN, CIFAR100_STD = CIFAR100.mean, CIFAR100.std
 REAL_ARCHIVE = Path(os.environ.get('CIFAR100_ARCHIVE',
                                    ROOT.parent / 'shared' / 'data' / 'cifar-100-python.tar.gz'))
 
@@ -94,6 +102,74 @@ def build_archive(path: Path, *, train: dict | None = None, test: dict | None = 
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return path
+
+
+def cifar10_batch(split: dict, label: str) -> dict:
+    """A CIFAR-10 data member as the official pickles hold it (``labels``, no superclasses)."""
+    return {'batch_label': label, 'labels': list(split['fine_labels']), 'data': split['data'],
+            'filenames': split['filenames']}
+
+
+def build_cifar10_archive(path: Path, *, train: list[dict] | None = None, test: dict | None = None,
+                          meta: dict | None = None, drop: tuple = (), folder: bool = False,
+                          bytes_keys: bool = True) -> Path:
+    """A ``cifar-10-python.tar.gz`` in the official layout: ``cifar-10-batches-py/`` with
+    ``data_batch_1`` ... ``data_batch_5``, ``test_batch``, ``batches.meta`` and ``readme.html``;
+    each a protocol-2 pickle of a dict with bytes keys (the real files are Python 2 pickles:
+    ``b'data'`` a uint8 N x 3072 array, ``b'labels'`` a list of ints, ``b'filenames'``,
+    ``b'batch_label'``; meta ``b'label_names'``, ``b'num_cases_per_batch'``, ``b'num_vis'``).
+    ``train``: five batch dicts (default: 2 images per class each, seeded)."""
+    train = train if train is not None else [
+        cifar10_batch(make_split(2, seed=10 + i, classes=10), f'training batch {i + 1} of 5') for i in range(5)]
+    members = {f'data_batch_{i + 1}': b for i, b in enumerate(train)}
+    members['test_batch'] = test if test is not None else cifar10_batch(make_split(2, seed=20, classes=10),
+                                                                        'testing batch 1 of 1')
+    members['batches.meta'] = meta if meta is not None else {
+        'num_cases_per_batch': 10000,
+        'label_names': list(CIFAR10.class_names), 'num_vis': 3072}
+    blobs = {name: obj if isinstance(obj, bytes) else
+             pickle.dumps(_to_bytes_keys(obj) if bytes_keys else obj, protocol=2)
+             for name, obj in members.items() if name not in drop}
+    blobs['readme.html'] = b'<html>synthetic CIFAR-10 for tests</html>'
+    if folder:
+        d = path / 'cifar-10-batches-py'
+        d.mkdir(parents=True)
+        for name, blob in blobs.items():
+            (d / name).write_bytes(blob)
+        return path
+    with tarfile.open(path, 'w:gz', compresslevel=1) as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def make_image_folder(root: Path, *, classes=('cat', 'dog', 'emu'), per_class: int = 12,
+                      layout: str = 'classes', val_per_class: int = 3, shape=(72, 90), seed: int = 0,
+                      formats=('JPEG', 'PNG', 'WEBP', 'BMP')) -> Path:
+    """A folder of learnable images (each class its own two colours, plus noise), non-square
+    (the converter centre-crops), in turns JPEG/PNG/WebP/BMP: ``root/<class>/*`` (``layout
+    'classes'``) or ``root/train/<class>/*`` and ``root/val/<class>/*`` (``'train/val'``)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(99).integers(0, 256, size=(len(classes), 2, 3))
+    h, w = shape
+    ext = {'JPEG': 'jpg', 'PNG': 'png', 'WEBP': 'webp', 'BMP': 'bmp'}
+    splits = {'': per_class} if layout == 'classes' else {'train': per_class, 'val': val_per_class}
+    k = 0
+    for split, n in splits.items():
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.empty((h, w, 3), np.float32)
+                img[:h // 2], img[h // 2:] = palette[c, 0], palette[c, 1]
+                img = np.clip(img + rng.normal(0, 15, img.shape), 0, 255).astype(np.uint8)
+                fmt = formats[k % len(formats)]
+                k += 1
+                Image.fromarray(img).save(d / f'{name}_{i:03d}.{ext[fmt]}', fmt)
+    return root
 
 
 def run_script(*args, timeout=600, env=None, **kw) -> subprocess.CompletedProcess:
@@ -224,7 +300,6 @@ def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
     BatchNorm into the convs is really exercised) and made-up training metrics."""
     from model import build_model
     from model.checkpoint import atomic_save, make_checkpoint
-    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
     torch.manual_seed(seed)
     model = build_model({'arch': 'resnet18', 'num_classes': 100, 'width': width, 'channels_last': True})
     for m in model.modules():
@@ -234,8 +309,7 @@ def make_test_checkpoint(path: Path, *, width: int = 8, seed: int = 0) -> Path:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     ckpt = make_checkpoint(model, model_config={'arch': 'resnet18', 'num_classes': 100, 'width': width},
-                           class_names=FINE_LABEL_NAMES, coarse_names=COARSE_LABEL_NAMES,
-                           fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+                           dataset=CIFAR100.to_dict(),
                            metrics={'test_top1': 0.7512, 'test_top5': 0.9301, 'train_seconds': 812.5,
                                     'epochs_planned': 40},
                            config={'note': 'test'}, epoch=40)

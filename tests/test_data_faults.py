@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import as_cli, run_main, tiny
-from ffcv_pipeline.constants import BETON_NAMES, MANIFEST_NAME
+from conftest import BETON_NAMES, MANIFEST_NAME
 
 FIX = 'write_datasets.py --force'
 
@@ -101,7 +101,7 @@ def test_broken_beton_is_one_clear_line_for_the_benchmark(kind, synthetic_betons
 
 @pytest.mark.parametrize('kind, expected', [
     ('truncated', 'not a readable .npy file'),
-    ('other', 'not CIFAR images and labels'),
+    ('other', 'not the images and labels write_datasets.py writes'),
     ('count', 'but manifest.json records'),
 ])
 def test_broken_arrays_are_one_clear_line(kind, expected, synthetic_betons, tmp_path):

@@ -203,7 +203,7 @@ def test_int8_that_loses_accuracy_or_cannot_be_checked_fails_and_writes_nothing(
                              log=lambda *_: None, max_top1_drop=-1.0)
     assert not out.exists() and no_leftovers(tmp_path) == []
     code, _, err = run_main('export', training_ckpt, '--out', out, '--int8', '--data-dir', tmp_path / 'nothing')
-    assert code == 2 and len(err.strip().splitlines()) == 1 and 'cifar100_train.npy: no such file' in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'nothing: no manifest.json' in err
     assert 'scripts/write_datasets.py' in err and not out.exists() and no_leftovers(tmp_path) == []
     code, _, err = run_main('export', training_ckpt, '--out', out, '--int8', '--fp16')
     assert code == 2 and '--int8 and --fp16 exclude each other' in err and not out.exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+from conftest import CIFAR100_MEAN, CIFAR100_STD
 
 
 def u8_batch(n=8, seed=0) -> torch.Tensor:
@@ -53,15 +53,15 @@ def test_every_normalization_path_gives_the_same_bits():
     from ffcv_pipeline.resident import ResidentSplit
     nhwc = np.stack([np.roll(np.arange(256, dtype=np.uint8), 85 * c) for c in range(3)], -1)
     nhwc = np.ascontiguousarray(nhwc.reshape(1, 16, 16, 3))
-    device_path = Normalize(dtype=torch.float32)(torch.from_numpy(nhwc).permute(0, 3, 1, 2))
+    device_path = Normalize(CIFAR100_MEAN, CIFAR100_STD, dtype=torch.float32)(torch.from_numpy(nhwc).permute(0, 3, 1, 2))
     split = ResidentSplit(nhwc, np.zeros(1, np.int64), device=torch.device('cpu'), dtype=torch.float32,
-                          batch_size=1)
+                          batch_size=1, mean=CIFAR100_MEAN, std=CIFAR100_STD)
     assert torch.equal(next(iter(split.epoch(0)))[0], device_path)
     assert np.array_equal(app_normalize(nhwc, CIFAR100_MEAN, CIFAR100_STD), device_path.numpy())
     pytest.importorskip('ffcv', reason='the CPU pipeline kernel needs ffcv/numba')
     from ffcv_pipeline.ops import normalize_kernel
     cpu_path = np.empty(nhwc.shape, np.float32)
-    normalize_kernel(nhwc, cpu_path, normalization_table())
+    normalize_kernel(nhwc, cpu_path, normalization_table(CIFAR100_MEAN, CIFAR100_STD))
     assert np.array_equal(cpu_path.transpose(0, 3, 1, 2), device_path.numpy())
 
 
@@ -70,7 +70,7 @@ def test_normalize_leaves_a_float_input_alone():
     from ffcv_pipeline.pixels import Normalize
     x = u8_batch().float()
     before = x.clone()
-    Normalize(dtype=torch.bfloat16)(x)
+    Normalize(CIFAR100_MEAN, CIFAR100_STD, dtype=torch.bfloat16)(x)
     assert torch.equal(x, before)
 
 
@@ -130,12 +130,17 @@ def test_tta_translate_changes_a_resnets_logits_and_returns_float32():
         tta_logits(net, x, flip=False, translate=32)
 
 
-def test_tta_translate_config_bounds():
+def test_tta_translate_config_bounds(synthetic_betons, tmp_path):
+    """Negative: refused by the config; half the image size or more: refused by the trainer,
+    which knows the size (the dataset's), before the first step."""
+    from conftest import as_cli, run_main, tiny
     from training.config import ConfigError, load_config
     assert load_config('tiny_cpu', ['training.tta_translate=1']).training.tta_translate == 1
-    for bad in ('-1', '16'):
-        with pytest.raises(ConfigError, match='training.tta_translate'):
-            load_config('tiny_cpu', [f'training.tta_translate={bad}'])
+    with pytest.raises(ConfigError, match='training.tta_translate'):
+        load_config('tiny_cpu', ['training.tta_translate=-1'])
+    code, _, err = run_main('train', '--config', 'tiny_cpu',
+                            *as_cli(tiny(synthetic_betons, tmp_path / 'r', **{'training.tta_translate': 16})))
+    assert code == 2 and err.startswith('error: training.tta_translate: must lie in [0, 15] for 32x32 images')
 
 
 # ---- 17.3: weight averaging (EMA) ---------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import images_of
-from ffcv_pipeline.constants import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
+from conftest import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
 
 CPU = torch.device('cpu')
 
@@ -17,11 +17,11 @@ def loaders(folder, *, cutout=8, translate=4, flip=True, seed=0, workers=2):
     state = AugmentationState(seed)
     train = make_loader(folder / BETON_NAMES['train'], batch_size=100, num_workers=workers,
                         order='sequential', os_cache=True, drop_last=True, state=state,
-                        pipelines=train_pipeline(device=CPU, dtype=torch.float32, state=state,
+                        pipelines=train_pipeline(device=CPU, dtype=torch.float32, state=state, mean=CIFAR100_MEAN, std=CIFAR100_STD,
                                                  flip=flip, padding=translate, cutout=cutout))
     test = make_loader(folder / BETON_NAMES['test'], batch_size=100, num_workers=workers,
                        order='sequential', os_cache=True, drop_last=False,
-                       pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+                       pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
     return train, test
 
 
@@ -141,7 +141,7 @@ def test_a_last_batch_of_one_keeps_its_shape(synthetic_betons):
     from ffcv_pipeline.loaders import make_loader, test_pipeline
     ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=199, num_workers=1,
                      order='sequential', os_cache=True, drop_last=False,
-                     pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
     shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in ld.epoch(0)]
     assert shapes == [((199, 3, 32, 32), (199,)), ((1, 3, 32, 32), (1,))]
 
@@ -151,7 +151,7 @@ def test_indices_past_the_end_are_an_error_not_a_segfault(synthetic_betons):
     with pytest.raises(ValueError, match=r'indices must lie in \[0, 399\]'):
         make_loader(synthetic_betons / BETON_NAMES['train'], batch_size=100, num_workers=1,
                     order='sequential', os_cache=True, drop_last=False, indices=np.arange(512),
-                    pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+                    pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
 
 
 def test_a_failing_loading_thread_raises_instead_of_hanging(synthetic_betons):
@@ -164,7 +164,7 @@ def test_a_failing_loading_thread_raises_instead_of_hanging(synthetic_betons):
     from ffcv_pipeline.loaders import make_loader, test_pipeline
     ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=100, num_workers=1,
                      order='sequential', os_cache=True, drop_last=False,
-                     pipelines=test_pipeline(device=CPU, dtype=torch.float32, channels_last=False))
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD, channels_last=False))
     result = {}
 
     def consume():
@@ -191,7 +191,7 @@ def test_leaving_an_epoch_early_joins_the_loading_thread(synthetic_betons):
     from ffcv_pipeline.loaders import make_loader, test_pipeline
     ld = make_loader(synthetic_betons / BETON_NAMES['test'], batch_size=20, num_workers=1,
                      order='sequential', os_cache=True, drop_last=False,
-                     pipelines=test_pipeline(device=CPU, dtype=torch.float32))
+                     pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
     for _ in ld.epoch(0):  # 10 batches: FFCV's thread is still producing
         break
     assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
@@ -222,11 +222,12 @@ def test_every_loader_implements_the_one_interface_with_the_same_counts(syntheti
     cpu, idx = torch.device('cpu'), np.arange(0, 200, 3)  # 67 images, batches of 20: 4 (3 full)
     ffcv_loader = make_loader(synthetic_betons / 'cifar100_test.beton', batch_size=20, num_workers=1,
                               order='sequential', os_cache=True, drop_last=False, indices=idx,
-                              pipelines=test_pipeline(device=cpu, dtype=torch.float32, channels_last=False))
+                              pipelines=test_pipeline(device=cpu, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD, channels_last=False))
     torch_loader = make_torch_loader(synthetic_betons / 'cifar100_test.npy', batch_size=20, num_workers=0,
-                                     device=cpu, dtype=torch.float32, seed=0, train=False, indices=idx)
+                                     device=cpu, dtype=torch.float32, seed=0, train=False, indices=idx,
+                                     mean=CIFAR100_MEAN, std=CIFAR100_STD)
     resident = ResidentSplit.from_file(synthetic_betons / 'cifar100_test.beton', indices=idx, device=cpu,
-                                       dtype=torch.float32, batch_size=20)
+                                       dtype=torch.float32, batch_size=20, mean=CIFAR100_MEAN, std=CIFAR100_STD)
     for impl in (ffcv_loader, torch_loader, resident):
         assert isinstance(impl, Batches), type(impl).__name__
         assert impl.num_samples == 67 and len(impl) == 4, type(impl).__name__

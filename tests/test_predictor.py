@@ -26,12 +26,18 @@ from PIL import Image, ImageFile
 
 from app.export import onnx_bytes
 from app.predictor import (MAX_PIXELS, ImageError, ModelFileError, Predictor, latency, normalize,
-                           prepare_image, resolve_checkpoint)
+                           resolve_checkpoint)
+from app.images import prepare_image as _prepare_image
 from app.torch_backend import compile_for_cpu, fold_batchnorm
-from ffcv_pipeline.constants import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
+from conftest import (CIFAR100_MEAN, CIFAR100_STD, COARSE_LABEL_NAMES,
                                      FINE_LABEL_NAMES, FINE_TO_COARSE)
 from model import build_model
 from conftest import PY, ROOT, make_test_checkpoint, run_main
+
+
+def prepare_image(source, **kw):
+    """The app's preparation at CIFAR's 32 px (the size of the models these tests serve)."""
+    return _prepare_image(source, size=kw.pop('size', 32), **kw)
 
 
 def make_test_onnx(ckpt_path: Path, out: Path, *, fp16: bool = False) -> Path:
@@ -259,7 +265,7 @@ def test_optimized_model_matches_plain(ckpt_path):
     assert np.abs(lp).max() > 0.1  # non-trivial logits
     np.testing.assert_allclose(lf, lp, atol=1e-4, rtol=1e-4)
     # fold_batchnorm keeps the original model untouched
-    m = build_model({'arch': 'resnet18', 'width': 8}).eval()
+    m = build_model({'arch': 'resnet18', 'num_classes': 100, 'width': 8}).eval()
     fold_batchnorm(m)
     assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
 
@@ -333,7 +339,7 @@ def test_info_reports_the_checkpoint(predictor):
     info = predictor.info()
     assert info['arch'] == 'resnet18' and info['width'] == 8 and info['epoch'] == 40
     assert info['test_top1'] == pytest.approx(0.7512) and info['train_seconds'] == 812.5
-    assert info['parameters'] == sum(p.numel() for p in build_model({'arch': 'resnet18', 'width': 8}).parameters())
+    assert info['parameters'] == sum(p.numel() for p in build_model({'arch': 'resnet18', 'num_classes': 100, 'width': 8}).parameters())
     assert info['checkpoint'] == str(predictor.path)
     assert info['backend'].startswith({'torch': 'PyTorch', 'onnx': 'ONNX Runtime'}[predictor.backend.name])
 
@@ -524,7 +530,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError('no C++ compiler')
     monkeypatch.setattr(torch, 'compile', broken)
     with pytest.warns(UserWarning, match='torch.compile failed, serving the eager model'):
-        assert compile_for_cpu(build_model({'arch': 'resnet18', 'width': 8}).eval(), torch.zeros(1, 3, 32, 32)) is None
+        assert compile_for_cpu(build_model({'arch': 'resnet18', 'num_classes': 100, 'width': 8}).eval(), torch.zeros(1, 3, 32, 32)) is None
 
 
 # --------------------------------------------------------------------------- CLI

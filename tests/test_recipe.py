@@ -116,15 +116,14 @@ def test_a_checkpoint_of_a_compiled_model_holds_the_bare_weights():
     """torch.compile wraps the model (its state_dict keys gain ``_orig_mod.``); a checkpoint
     must hold the bare model's keys, loadable without compiling. Wrapping compiles nothing
     yet, so this is fast. Catches: make_checkpoint saving the wrapper as is."""
-    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+    from conftest import CIFAR100
     from model import build_model
     from model.checkpoint import make_checkpoint, model_from_checkpoint
     mcfg = {'arch': 'resnet18', 'num_classes': 100, 'width': 8}
     bare = build_model(mcfg)
     compiled = torch.compile(bare)
     assert all(k.startswith('_orig_mod.') for k in compiled.state_dict())
-    ckpt = make_checkpoint(compiled, model_config=mcfg, class_names=[str(i) for i in range(100)],
-                           coarse_names=[], fine_to_coarse=[], mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    ckpt = make_checkpoint(compiled, model_config=mcfg, dataset=CIFAR100.to_dict())
     assert list(ckpt['model']) == list(bare.state_dict())
     assert same_weights(model_from_checkpoint(ckpt).state_dict(), ckpt['model'])
 

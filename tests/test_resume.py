@@ -204,6 +204,36 @@ def test_ctrl_c_from_the_command_line_exits_130_and_the_hint_resumes(synthetic_b
     assert json.loads(lines(run / 'metrics.jsonl')[-1])['train_images'] == 400
 
 
+@pytest.mark.parametrize('loader', ['torchvision', 'ffcv'])
+def test_ctrl_c_to_the_process_group_in_epoch_2_stops_cleanly(synthetic_betons, tmp_path, loader):
+    """A terminal's Ctrl-C goes to the whole foreground process group: the trainer *and* its
+    loader workers. Sent so (``killpg``) a few steps into epoch 2, with either loader: exit 130,
+    the one-line resume hint, a resumable interrupted.pt, no traceback and no dead-worker error
+    (with the torchvision loader a worker used to die of it: "DataLoader worker ... exited
+    unexpectedly" instead of the stop at a batch boundary)."""
+    run = tmp_path / 'group'
+    args = as_cli(tiny(synthetic_betons, run, **{'data.loader': loader, 'data.batch_size': 4, 'training.epochs': 2,
+                                                 'data.train_per_class': 2, 'output.progress': 'on',
+                                                 'data.num_workers': 2}))  # 50 steps per epoch
+    p = subprocess.Popen([PY, 'scripts/train.py', '--config', 'tiny_cpu', *args], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    seen = ''
+    while 'epoch 2/2' not in seen or not any(f' {k}/50 ' in seen.split('epoch 2/2')[-1] for k in range(3, 45)):
+        chunk = p.stderr.read(1)
+        assert chunk, f'training ended before epoch 2 was under way: {seen[-2000:]}'
+        seen += chunk
+    os.killpg(p.pid, signal.SIGINT)  # what the terminal does: every process of the group
+    out, err = p.communicate(timeout=120)
+    err = seen + err
+    assert p.returncode == 130, err[-3000:]
+    assert 'Traceback' not in err and 'exited unexpectedly' not in err, err[-3000:]
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith('interrupted; checkpoint saved. Resume with: python scripts/train.py --resume ')
+    ckpt = torch.load(run / 'interrupted.pt', weights_only=True, map_location='cpu')
+    assert ckpt['epoch'] == 1 and ckpt['batch'] > 0
+
+
 def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     """fp16 training (a GPU's) resumes with its loss scale and growth tracker: the scaler state
     goes into the checkpoint, through torch.save/load (weights_only), and back into an enabled
@@ -225,7 +255,8 @@ def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
         scaler.update()
     saved = scaler.state_dict()
     assert saved['scale'] == 512.0 and saved['_growth_tracker'] == 2
-    ck = training_checkpoint(model, cfg, class_names=['a', 'b'], coarse_names=['c'], pos=Position(epoch=1),
+    from conftest import CIFAR10
+    ck = training_checkpoint(model, cfg, dataset=CIFAR10, pos=Position(epoch=1),
                              metrics=None, n_params=10, optimizer=opt, scaler=scaler)
     torch.save(ck, tmp_path / 'ck.pt')
     fresh, fresh_model = torch.amp.GradScaler('cpu'), torch.nn.Linear(4, 2)

@@ -90,12 +90,13 @@ def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_
     loaders' own: test_every_normalization_path_gives_the_same_bits). Catches a short last
     batch (a second cuDNN shape) and padding labels that are real classes."""
     import numpy as np
-    from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
+    from conftest import CIFAR100_MEAN, CIFAR100_STD
     from ffcv_pipeline.resident import PAD_LABEL, ResidentSplit, read_split
     images, labels = read_split(synthetic_betons / 'cifar100_test.beton')
     arrays, alabels = read_split(synthetic_betons / 'cifar100_test.npy')
     assert np.array_equal(images, arrays) and np.array_equal(labels, alabels)
-    split = ResidentSplit(images, labels, device=torch.device('cpu'), dtype=torch.float32, batch_size=64)
+    split = ResidentSplit(images, labels, device=torch.device('cpu'), dtype=torch.float32, batch_size=64,
+                          mean=CIFAR100_MEAN, std=CIFAR100_STD)
     batches = list(split.epoch(0))
     assert len(batches) == len(split) == 4 and {tuple(x.shape) for x, _ in batches} == {(64, 3, 32, 32)}
     y = torch.cat([y for _, y in batches])
@@ -206,7 +207,7 @@ cfg = load_config('tiny_cpu', ['model.width=8'])
 runs = []
 for eager in (True, False):
     torch.manual_seed(0)
-    m = build_model({'arch': 'resnet18', 'width': 8, 'channels_last': False})
+    m = build_model({'arch': 'resnet18', 'num_classes': 100, 'width': 8, 'channels_last': False})
     step = TrainStep(m, make_optimizer(m, cfg.training, eager=eager), device=torch.device('cpu'), dtype=torch.float32)
     x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8)
     for _ in range(3):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, images_of, tiny
-from ffcv_pipeline.constants import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
+from conftest import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
 
 CPU = torch.device('cpu')
 AUG = dict(flip=True, padding=4, cutout=8)
@@ -32,8 +32,8 @@ def ffcv_loader(betons, *, split='train', seed=0, aug=AUG):
     from ffcv_pipeline.loaders import make_loader, test_pipeline, train_pipeline
     from ffcv_pipeline.ops import AugmentationState
     state = AugmentationState(seed)
-    pipes = (train_pipeline(device=CPU, dtype=torch.float32, state=state, **aug) if split == 'train'
-             else test_pipeline(device=CPU, dtype=torch.float32))
+    pipes = (train_pipeline(device=CPU, dtype=torch.float32, state=state, mean=CIFAR100_MEAN, std=CIFAR100_STD, **aug) if split == 'train'
+             else test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
     return make_loader(betons / BETON_NAMES[split], batch_size=100, num_workers=1, order='sequential',
                        os_cache=True, drop_last=False, state=state, pipelines=pipes)
 
@@ -52,7 +52,7 @@ def torch_loader(betons, *, split='train', seed=0, aug=AUG, workers=2, shuffle=F
     from ffcv_pipeline.torch_loader import make_torch_loader
     OPEN.append(make_torch_loader(betons / f'cifar100_{split}.npy', batch_size=batch, num_workers=workers,
                                   device=CPU, dtype=torch.float32, seed=seed, train=split == 'train',
-                                  augment=aug, shuffle=shuffle, **kw))
+                                  augment=aug, shuffle=shuffle, mean=CIFAR100_MEAN, std=CIFAR100_STD, **kw))
     return OPEN[-1]
 
 

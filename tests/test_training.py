@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import PY, ROOT, as_cli, run_main, same_weights, tiny, weights
-from ffcv_pipeline.constants import BETON_NAMES, FINE_LABEL_NAMES
+from conftest import BETON_NAMES, FINE_LABEL_NAMES
 from model import build_model, count_parameters
 
 

@@ -16,8 +16,12 @@ import pytest
 from types import SimpleNamespace
 
 from conftest import PY, REAL_ARCHIVE, ROOT, build_archive, images_of, make_split, run_main
-from ffcv_pipeline.archive import DatasetError, read_cifar100
-from ffcv_pipeline.constants import ARRAY_NAMES, BETON_NAMES, FINE_TO_COARSE, MANIFEST_NAME
+from ffcv_pipeline.archive import DatasetError, read_archive
+from conftest import ARRAY_NAMES, BETON_NAMES, CIFAR100, FINE_TO_COARSE, MANIFEST_NAME
+
+
+def read_cifar100(src):
+    return read_archive(CIFAR100, src)
 
 
 def read_beton(path, indices=None):
@@ -61,9 +65,11 @@ def test_round_trip_synthetic(synthetic_data, synthetic_betons):
     assert m['splits']['train']['count'] == 400 and m['splits']['test']['count'] == 200
     assert m['splits']['train']['arrays'] == 'cifar100_train.npy'
     assert m['splits']['train']['arrays_bytes'] == (synthetic_betons / 'cifar100_train.npy').stat().st_size
-    assert len(m['fine_label_names']) == 100 and len(m['coarse_label_names']) == 20
+    ds = m['dataset']
+    assert ds['name'] == 'cifar100' and ds['image_size'] == 32 and ds['mean'] == list(CIFAR100.mean)
+    assert len(ds['class_names']) == 100 and len(ds['superclass_names']) == 20
     assert m['source']['official'] is False and len(m['source']['md5']) == 32
-    assert m['format_version'] == 2 and m['fine_to_coarse'] == list(FINE_TO_COARSE)
+    assert m['format_version'] == 3 and ds['superclass_of'] == list(FINE_TO_COARSE)
     assert m['ffcv_version'] == '1.0.2'
     assert len(list((synthetic_betons / 'examples').glob('*.png'))) == 12
 
@@ -76,9 +82,9 @@ def test_reader_accepts_str_or_bytes_keys_archive_or_folder(tmp_path, bytes_keys
                         bytes_keys=bytes_keys, folder=folder)
     data = read_cifar100(src)
     np.testing.assert_array_equal(data.train.images, images_of(train))
-    np.testing.assert_array_equal(data.test.fine, test['fine_labels'])
-    np.testing.assert_array_equal(data.test.coarse, test['coarse_labels'])
-    assert data.fine_names[0] == 'apple' and data.coarse_names[-1] == 'vehicles_2'
+    np.testing.assert_array_equal(data.test.labels, test['fine_labels'])
+    np.testing.assert_array_equal(data.test.superclasses, test['coarse_labels'])
+    assert data.dataset.class_names[0] == 'apple' and data.dataset.superclass_names[-1] == 'vehicles_2'
 
 
 def test_folder_source_via_cli(tmp_path):
@@ -103,11 +109,11 @@ def test_real_archive(real_betons):
         x, y, c = read_beton(out / BETON_NAMES[name], indices=idx)
         split = getattr(src, name)
         np.testing.assert_array_equal(x, split.images[idx])
-        np.testing.assert_array_equal(y, split.fine[idx])
-        np.testing.assert_array_equal(c, split.coarse[idx])
-        assert np.bincount(split.fine, minlength=100).tolist() == [n // 100] * 100
-    # the fixed fine -> coarse hierarchy in constants.py agrees with the real labels
-    assert np.array_equal(np.asarray(FINE_TO_COARSE)[src.train.fine], src.train.coarse)
+        np.testing.assert_array_equal(y, split.labels[idx])
+        np.testing.assert_array_equal(c, split.superclasses[idx])
+        assert np.bincount(split.labels, minlength=100).tolist() == [n // 100] * 100
+    # the fixed class -> superclass hierarchy in datasets.py agrees with the real labels
+    assert np.array_equal(np.asarray(FINE_TO_COARSE)[src.train.labels], src.train.superclasses)
 
 
 # --- idempotence and --force ---------------------------------------------------------------------------
@@ -213,13 +219,16 @@ def test_download_path_checks_md5_and_is_reused(tmp_path, synthetic_data, monkey
         with pytest.raises(DatasetError, match='md5'):  # not the official archive: rejected
             W.write_datasets(None, out, url=url, progress=False, log=lambda *_: None)
         assert not list(out.glob('*.part')) and not list(out.glob('*.beton'))
-        monkeypatch.setattr(W, 'CIFAR100_MD5', md5sum(src))  # pretend it is official
+        from dataclasses import replace
+        from ffcv_pipeline.datasets import Download
+        official = replace(CIFAR100, download=Download(url, md5sum(src)))  # pretend it is official
         logs = []
-        res = W.write_datasets(None, out, url=url, progress=False, log=logs.append)
+        res = W.write_datasets(None, out, dataset=official, progress=False, log=logs.append)
         assert res.status == 'written' and (out / 'cifar-100-python.tar.gz').is_file()
-        assert any(line.startswith('downloading') for line in logs)
-        res2 = W.write_datasets(None, out, url='http://127.0.0.1:9/unreachable', progress=False,
-                                log=logs.append)
+        assert any(line == f'downloading {url}' for line in logs)
+        assert res.manifest['source']['official'] is True
+        res2 = W.write_datasets(None, out, dataset=official, url='http://127.0.0.1:9/unreachable',
+                                progress=False, log=logs.append)
         assert res2.status == 'skipped'  # no network needed the second time
     finally:
         httpd.shutdown()

@@ -35,12 +35,11 @@ import numpy as np
 import torch
 
 from ffcv_pipeline import ffcv_version
-from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
-from ffcv_pipeline.data import build_data
+from ffcv_pipeline.augment import settings
+from ffcv_pipeline.data import build_data, dataset_files
 from model import build_model, use_channels_last
-from model.project import IMAGE_SIZE
 
-from .config import ROOT, load_config
+from .config import ROOT, load_config, with_values
 from .runtime import (dtype_name, resolve_device, resolve_precision, sync, usable_cores,
                       workers_per_process)
 from .step import TrainStep, make_optimizer
@@ -105,10 +104,18 @@ class Bench:
     def __init__(self, s: Settings):
         self.s = s
         self.cfg = load_config(s.config, [*s.overrides, f'training.device={s.device}'])
+        # what the data files hold decides the head, the image size and the augmentation sizes
+        self.ds, (self.train_path, _), _ = dataset_files(self.cfg.data, ROOT)
+        self.cfg = with_values(self.cfg, {'model.num_classes': self.ds.num_classes,
+                                          **self.augment_values()})
         self.dev = resolve_device(self.cfg.training.device)
         self.dtype = resolve_precision(self.cfg.training.precision, self.dev)
         self.cuda = self.dev.type == 'cuda'
         self.workers = workers_per_process(s.workers)
+
+    def augment_values(self) -> dict:
+        aug = settings(self.cfg.augment, self.ds.image_size)
+        return {'augment.translate': aug['padding'], 'augment.cutout': aug['cutout']}
 
     def config(self, *extra: str):
         return load_config(self.s.config, [*self.s.overrides, f'training.device={self.s.device}', *extra])
@@ -128,20 +135,20 @@ class Bench:
     def classic_loader(self) -> dict:
         """torchvision's per-image transforms: uint8 array -> PIL -> crop/flip -> tensor ->
         normalize -> erase (cutout, mean fill = 0 after normalizing), what the usual CIFAR
-        training scripts (and torchvision.datasets.CIFAR100) do per image."""
+        training scripts (and torchvision's CIFAR datasets) do per image."""
         import torchvision.transforms as T
         from ffcv_pipeline.data import per_class_indices, resolve_path
         from ffcv_pipeline.pixels import fill_colour, load_arrays
-        cfg, a = self.cfg, self.cfg.augment
-        arrays = load_arrays(resolve_path(cfg.data.train_path, ROOT).with_suffix('.npy'))
+        cfg, a, ds = self.cfg, self.cfg.augment, self.ds
+        arrays = load_arrays(self.train_path.with_suffix('.npy'))
         idx = per_class_indices(arrays['label'], self.s.per_class)
         images, labels = (arrays['image'], arrays['label']) if idx is None else \
             (arrays['image'][idx], arrays['label'][idx])
         area = a.cutout ** 2 / (images.shape[1] * images.shape[2])
         transform = T.Compose([
-            T.RandomCrop(images.shape[1], padding=a.translate, fill=fill_colour()),
+            T.RandomCrop(images.shape[1], padding=a.translate, fill=fill_colour(ds.mean)),
             *([T.RandomHorizontalFlip()] if a.flip else []), T.ToTensor(),
-            T.Normalize([m / 255 for m in CIFAR100_MEAN], [v / 255 for v in CIFAR100_STD]),
+            T.Normalize([m / 255 for m in ds.mean], [v / 255 for v in ds.std]),
             *([T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)] if a.cutout else [])])
         loader = torch.utils.data.DataLoader(
             _PilDataset(images, labels, transform), batch_size=cfg.data.batch_size, shuffle=True,
@@ -168,7 +175,8 @@ class Bench:
         steps = self.s.model_steps or (50 if self.cuda else 5)
         step = self.step(dtype=dtype, channels_last=channels_last, compile=compile)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=self.dev).contiguous(memory_format=fmt)
+        size = self.ds.image_size
+        x = torch.randn(batch, 3, size, size, device=self.dev).contiguous(memory_format=fmt)
         y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.dev)
         t = time.perf_counter()
         for _ in range(3 if compile else 2 if not self.cuda else 10):  # compile, autotune, warm up
@@ -197,16 +205,15 @@ class Bench:
     def augmentation_ops(self) -> dict:
         """uint8 output, augmentation only: our reproducible ops vs FFCV's built-in ones, both
         through the trainer's own pipeline builder (``loaders.train_pipeline``)."""
-        from ffcv_pipeline.augment import settings
-        from ffcv_pipeline.data import resolve_path
         from ffcv_pipeline.loaders import make_loader, train_pipeline
         from ffcv_pipeline.ops import AugmentationState
         cpu, out = torch.device('cpu'), {}
         for name in ('ours', 'ffcv_builtin'):
             state = AugmentationState(0)
             pipelines = train_pipeline(device=cpu, dtype=torch.float32, state=state, normalize=False,
-                                       ffcv_builtin=name == 'ffcv_builtin', **settings(self.cfg.augment))
-            loader = make_loader(resolve_path(self.cfg.data.train_path, ROOT), batch_size=self.cfg.data.batch_size,
+                                       ffcv_builtin=name == 'ffcv_builtin', mean=self.ds.mean,
+                                       std=self.ds.std, **settings(self.cfg.augment, self.ds.image_size))
+            loader = make_loader(self.train_path, batch_size=self.cfg.data.batch_size,
                                  num_workers=self.workers, order='quasi_random', os_cache=True,
                                  drop_last=True, state=state, pipelines=pipelines)
             out[name] = time_epochs(loader.epoch, self.s.epochs, cpu)['images_per_s_median']
@@ -215,7 +222,7 @@ class Bench:
 
 
 class _PilDataset(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR100 does per item: a uint8 array -> PIL image -> transform."""
+    """What torchvision's CIFAR datasets do per item: a uint8 array -> PIL image -> transform."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
         self.images, self.labels, self.transform = images, labels, transform

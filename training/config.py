@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from model.errors import UserError
-from model.project import IMAGE_SIZE, PROJECT_ROOT as ROOT, RUNS_DIR
+from ffcv_pipeline.datasets import DEFAULT as DEFAULT_DATASET  # standard library only
+from model.project import PROJECT_ROOT as ROOT, RUNS_DIR
 
 CONFIG_DIR = ROOT / 'configs'
 
@@ -27,8 +28,12 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class DataConfig:
-    train_path: str = 'data_beton/cifar100_train.beton'  # relative paths: to the repo root
-    test_path: str = 'data_beton/cifar100_test.beton'
+    # which converted dataset: its files in data_beton/<dataset>/ (built in: cifar100, cifar10;
+    # or the --name of an --image-folder conversion). It only picks the default paths: what the
+    # files hold (classes, image size, mean/std) comes from the manifest.json beside them.
+    dataset: str = DEFAULT_DATASET  # cifar100
+    train_path: Optional[str] = None  # null: data_beton/<dataset>/<dataset>_train.beton; relative paths: to the repo root
+    test_path: Optional[str] = None  # null: data_beton/<dataset>/<dataset>_test.beton
     batch_size: int = 512  # per process (per GPU under torchrun)
     test_batch_size: int = 1024
     num_workers: int = -1  # FFCV JIT threads; -1 = all usable cores / processes per node
@@ -37,8 +42,8 @@ class DataConfig:
     os_cache: bool = True  # let the OS page cache hold the .beton (fits in RAM: 170 MB)
     batches_ahead: int = 3
     # the test split as one uint8 tensor on the device, evaluated in batches of batch_size (no
-    # second loader, no second JIT, no second cuDNN shape); null = auto (on); false: a test loader
-    # of test_batch_size
+    # second loader, no second JIT, no second cuDNN shape); null = auto: on while its pixels take
+    # <= 1 GiB (CIFAR: 30 MB); false: a test loader of test_batch_size
     resident_test: Optional[bool] = None
     train_per_class: int = 0  # use only the first N training images of each class (0 = all)
     test_per_class: int = 0  # same for the test set (0 = all)
@@ -47,14 +52,14 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     flip: bool = True
-    translate: int = 4  # max shift in pixels (pad-and-crop); 0 = off
-    cutout: int = 8  # square side in pixels; 0 = off
+    translate: Optional[int] = None  # max shift in pixels (pad-and-crop); 0 = off; null = auto: size/8 (4 at 32 px)
+    cutout: Optional[int] = None  # square side in pixels; 0 = off; null = auto: size/4 (8 at 32 px)
 
 
 @dataclass
 class ModelConfig:
     arch: str = 'resnet18'
-    num_classes: int = 100
+    num_classes: Optional[int] = None  # null: the dataset's (its manifest.json); set, it must match
     width: int = 64
     channels_last: Optional[bool] = None  # NHWC memory format; null = auto: on, except on MPS
 
@@ -167,25 +172,24 @@ def validate(cfg) -> None:
         if v not in allowed:
             raise ConfigError(f'{key}: {v!r} is not one of {list(allowed)}')
     for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
+        if (v := OmegaConf.select(cfg, key)) is not None and v <= 0:  # None: auto
             raise ConfigError(f'{key}: must be > 0, got {OmegaConf.select(cfg, key)}')
     for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
+        if (v := OmegaConf.select(cfg, key)) is not None and v < 0:
             raise ConfigError(f'{key}: must be >= 0, got {OmegaConf.select(cfg, key)}')
     if not 0 <= cfg.training.label_smoothing < 1:
         raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
     if not 0 <= cfg.training.ema < 1:
         raise ConfigError(f'training.ema: the decay must lie in [0, 1) (0 = off), got {cfg.training.ema}')
-    if cfg.training.tta_translate >= IMAGE_SIZE // 2:
-        raise ConfigError(f'training.tta_translate: must lie in [0, {IMAGE_SIZE // 2 - 1}], got {cfg.training.tta_translate}')
     if cfg.training.cuda_graph and cfg.training.compile:
         raise ConfigError('training.cuda_graph: captures the eager step; with training.compile use '
                           'training.compile_mode=reduce-overhead (compile\'s own CUDA graphs) instead')
     if cfg.training.warmup_epochs > cfg.training.epochs:
         raise ConfigError(f'training.warmup_epochs: {cfg.training.warmup_epochs} exceeds '
                           f'training.epochs {cfg.training.epochs}')
-    if cfg.augment.cutout > IMAGE_SIZE:
-        raise ConfigError(f'augment.cutout: must lie in [0, {IMAGE_SIZE}], got {cfg.augment.cutout}')
+    from ffcv_pipeline.datasets import NAME_PATTERN
+    if not NAME_PATTERN.match(cfg.data.dataset):
+        raise ConfigError(f'data.dataset: {cfg.data.dataset!r} is not a dataset name (letters, digits, _ . -)')
     dev = cfg.training.device
     if not (dev in ('auto', 'cpu', 'cuda', 'mps') or (dev.startswith('cuda:') and dev[5:].isdigit())):
         raise ConfigError(f"training.device: {dev!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
@@ -221,6 +225,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f'{key}: cannot parse {value!r} ({e})') from None
         cfg = _merge(cfg, parsed, f'--{key}')
     validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def with_values(cfg, values: dict[str, Any]):
+    """``cfg`` (read-only) with ``values`` (``{'model.num_classes': 10, ...}``) set: what the
+    data decided for the keys left to it (null = auto), so the run's config.yaml and checkpoints
+    record what ran."""
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
+        [f'{k}={"null" if v is None else v}' for k, v in values.items()]))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -17,14 +17,14 @@ def start_lines(cfg, data, *, n_params: int, device, dtype, layout: str, world_s
     lines = [f'resuming {resumed} at {position}'] if resumed else []
     lines += list(data.notices)
     steps = len(data.train)
-    lines.append(f'{cfg.model.arch} ({n_params:,} parameters) on {device} '
+    lines.append(f'{data.dataset.describe()}: {cfg.model.arch} ({n_params:,} parameters) on {device} '
                  f'[{dtype_name(dtype)}, {layout}, world size {world_size}], '
                  f'{steps * cfg.data.batch_size:,} training images/process, batch '
                  f'{cfg.data.batch_size}, {steps} steps/epoch, {data.loader} loader with '
                  f'{workers} workers; run folder {run_dir}')
     if device.type == 'cpu' and n_params > 5_000_000 and data.train.num_samples > 10_000:
         lines.append('note: training a full-size model on the CPU (no GPU found): expect ~50 images/s '
-                     'on 2 cores, ~15 min per CIFAR-100 epoch. For a quick check use '
+                     'on 2 cores, ~15 min per 50,000 images. For a quick check use '
                      '--config cpu_small.yaml')
     return lines
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from model.fileio import atomic_write_text, check_writable_dir
 
-from ffcv_pipeline.data import resolve_path
+from ffcv_pipeline.data import data_paths
 from ffcv_pipeline.writer import read_manifest
 
 from .config import ROOT, ConfigError, load_config
@@ -194,7 +194,7 @@ def speedrun(plan: Plan, log=print) -> dict:
     recipes = plan.recipes()
     for recipe in recipes:
         load_config(plan.config, [*plan.overrides, *recipe])
-    manifest = read_manifest(resolve_path(cfg.data.train_path, ROOT).parent) or {}
+    manifest = read_manifest(data_paths(cfg.data, ROOT)[0][0].parent) or {}
     result = {'config': plan.config, 'overrides': plan.overrides, 'sweep': plan.sweep, 'runs_per_recipe': plan.runs,
               'target_top1': cfg.training.target_top1, 'environment': environment(plan),
               'conversion_s': manifest.get('write_seconds'),

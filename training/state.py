@@ -42,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD, FINE_TO_COARSE
 from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint, model_state
 from model.errors import UserError
 from model.fileio import atomic_write, atomic_write_text, check_writable_dir
@@ -91,8 +90,8 @@ class Position:
         return f'{where} (step {self.step})'
 
 
-def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
-                        metrics: dict | None, n_params: int, optimizer, scaler, ema=None) -> dict:
+def training_checkpoint(model, cfg, *, dataset, pos: Position, metrics: dict | None,
+                        n_params: int, optimizer, scaler, ema=None) -> dict:
     """A resumable checkpoint: the inference part (``model.checkpoint``) plus optimizer,
     scaler and RNG states and the run's position. With an EMA (``training.ema``), 'model' is the
     averaged model -- the one evaluated, so the metrics describe it, and the one the app and
@@ -102,8 +101,7 @@ def training_checkpoint(model, cfg, *, class_names, coarse_names, pos: Position,
     extra = {} if ema is None else {'raw_model': model_state(model), 'ema': ema.state_dict()}
     return make_checkpoint(
         model if ema is None else ema.module, host=False, model_config=dict(cfg.model),
-        class_names=class_names, coarse_names=coarse_names,
-        fine_to_coarse=FINE_TO_COARSE, mean=CIFAR100_MEAN, std=CIFAR100_STD, config=to_dict(cfg),
+        dataset=dataset.to_dict(), config=to_dict(cfg),
         epoch=pos.epoch, step=pos.step, metrics=meta, batch=pos.batch, best_top1=pos.best_top1,
         elapsed_s=pos.elapsed_s, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
         rng=get_rng_state(), partial=pos.partial, **extra)
@@ -144,15 +142,24 @@ class Snapshot:
         return obj
 
 
-def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None) -> Position:
+def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None, dataset=None,
+            data_file=None) -> Position:
     """Load ``path`` into the model, optimizer, scaler (and EMA), restore the RNG states;
     returns where the run stopped. An inference-only checkpoint cannot be resumed. A checkpoint
-    without an EMA resumed with one starts the average from its weights."""
+    without an EMA resumed with one starts the average from its weights. ``dataset``: what the
+    data files hold (``data_file`` names them): it must be the dataset the run trained on."""
     ckpt = load_checkpoint(path, map_location='cpu')
     missing = [k for k in RESUME_KEYS if k not in ckpt and k != 'best_top1']  # older files lack it
     if missing:
         raise ConfigError(f'{path}: checkpoint has no {missing[0]} state; it cannot be resumed '
                           f'(inference-only export?)')
+    if dataset is not None:
+        from ffcv_pipeline.datasets import checkpoint_dataset
+        trained = checkpoint_dataset(ckpt)
+        if diff := trained.difference(dataset):
+            raise ConfigError(f'{data_file}: holds {diff}, but {path} was trained on '
+                              f'{trained.describe()}; resume on its files (--data.dataset '
+                              f'{trained.name}, or the data.train_path/test_path it used)')
     model.load_state_dict(ckpt.get('raw_model', ckpt['model']))
     if ema is not None:
         ema.load_state_dict(ckpt.get('ema', {'updates': 0}), ckpt['model'])

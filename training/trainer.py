@@ -32,7 +32,7 @@ from model.fileio import DiskFullError
 from . import distributed as D
 from . import report
 from .budget import TimeBudget
-from .config import ROOT, ConfigError, load_config, resume_config
+from .config import ROOT, ConfigError, load_config, resume_config, with_values
 from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
 from .metrics import EpochStats, summarize, write_json
@@ -83,6 +83,12 @@ class Trainer:
             self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT,
                                    workers=self.workers, channels_last=channels_last,
                                    rank=self.info.rank, world_size=self.info.world_size)
+        # the keys left to the data (model.num_classes, augment sizes: null = auto) as they ran
+        self.cfg = cfg = with_values(cfg, self.data.resolved)
+        size = self.data.dataset.image_size
+        if tc.tta_translate >= size // 2:
+            raise ConfigError(f'training.tta_translate: must lie in [0, {size // 2 - 1}] for '
+                              f'{size}x{size} images, got {tc.tta_translate}')
         if len(self.data.train) == 0:
             raise ConfigError(f'data.batch_size {cfg.data.batch_size} exceeds the '
                               f'{self.data.train.num_samples} training images per process')
@@ -113,7 +119,8 @@ class Trainer:
         self.start = Position()
         if self.resume:
             self.start = restore(self.resume, model=self.model, optimizer=optimizer,
-                                 scaler=self.train_step.scaler, ema=self.ema)
+                                 scaler=self.train_step.scaler, ema=self.ema,
+                                 dataset=self.data.dataset, data_file=self.data.paths[0])
             # the saved step counter and mid-epoch position assume the old steps per epoch
             # (a changed data set, batch size or number of processes would break them)
             if self.start.step != self.start.epoch * len(self.data.train) + self.start.batch:
@@ -291,8 +298,7 @@ class Trainer:
                     partial: dict | None = None) -> dict:
         pos = replace(self.start, epoch=epoch, batch=batch, step=self.step, best_top1=self.best_top1,
                       elapsed_s=self._elapsed(), partial=partial)
-        return training_checkpoint(self.model, self.cfg, class_names=self.data.class_names,
-                                   coarse_names=self.data.coarse_names, pos=pos, metrics=metrics,
+        return training_checkpoint(self.model, self.cfg, dataset=self.data.dataset, pos=pos, metrics=metrics,
                                    n_params=self.n_params, optimizer=self.train_step.optimizer,
                                    scaler=self.train_step.scaler, ema=self.ema)
 
@@ -332,6 +338,9 @@ def train(config: str | None, overrides: list[str] | None = None, resume: str | 
     """Load the config (or the resumed checkpoint's) and run; returns the summary (rank 0)."""
     if resume:
         cfg = resume_config(load_checkpoint(resume)['config'], overrides, log=log)
+        # the head's size comes from the data again, so that data of another dataset meets the
+        # checkpoint's own check (restore: "trained on ..."), not a bare class-count mismatch
+        cfg = with_values(cfg, {'model.num_classes': None})
         name = Path(resume).resolve().parent.name
     else:
         cfg = load_config(config, overrides)

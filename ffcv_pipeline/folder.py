@@ -1,0 +1,278 @@
+"""A folder of the user's own images -> a dataset value and ``.beton`` files, like CIFAR's.
+
+    python scripts/write_datasets.py --image-folder photos/ --size 64       # -> data_beton/photos/
+    python scripts/train.py --config rn18.yaml --data.dataset photos
+
+Layouts (class names are the folder names, in sorted order):
+
+    DIR/train/<class>/*  and  DIR/val/<class>/*   (or DIR/test/<class>/*): the given split
+    DIR/<class>/*                                   : ``val_fraction`` of each class (stratified,
+                                                      seeded) becomes the test split
+
+Every file Pillow opens by its extension (JPEG, PNG, WebP, BMP, GIF, TIFF, ...), at any depth
+below its class folder, is decoded in parallel worker processes with the app's own preparation
+(``app.images.prepare_image``: EXIF orientation, RGB -- transparency on white --, centre square
+crop, antialiased resize to ``size``), so a served image is prepared as the training images
+were. Mean/std are computed on the training split and stored in the dataset value.
+
+Bad input loses nothing and stops only where it must: an unreadable or truncated image is named
+and skipped, with a count at the end (``strict``: it stops the conversion instead); a folder
+with no class folders, a class folder without images, or train/val folders with different
+classes stop with one line. A second run over an unchanged folder (same files, sizes and
+modification times, same options) does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .archive import DatasetError, Split, SourceData
+from .datasets import NAME_PATTERN, Dataset
+from .writer import WriteResult, default_out, is_up_to_date, prepare_out_dir, write_outputs
+
+VAL_NAMES = ('val', 'validation', 'test')  # the held-out split's folder, beside train/
+CHUNK = 64  # images per task sent to a worker: few round trips, even progress
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions Pillow opens (lower case, with the dot)."""
+    from PIL import Image
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass
+class FolderScan:
+    class_names: tuple[str, ...]
+    train: list[tuple[Path, int]]  # (file, class index)
+    test: list[tuple[Path, int]]
+    layout: str  # 'train/val' or 'classes'
+    ignored: list[Path]  # files that are not images by their extension
+
+    def fingerprint(self, root: Path, *options) -> str:
+        """md5 of every file's path, size and modification time, and the options: 'unchanged'."""
+        h = hashlib.md5(repr(options).encode())
+        for split, items in (('train', self.train), ('test', self.test)):
+            for p, label in items:
+                st = p.stat()
+                h.update(f'{split}\0{p.relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        return h.hexdigest()
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith('.')
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+
+
+def _images(folder: Path, exts: frozenset[str], ignored: list[Path]) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        for f in sorted(filenames):
+            if f.startswith('.'):
+                continue
+            p = Path(dirpath) / f
+            (out if p.suffix.lower() in exts else ignored).append(p)
+    return out
+
+
+def _classes(folder: Path, exts, ignored, root: Path) -> dict[str, list[Path]]:
+    classes = _class_folders(folder)
+    if not classes:
+        raise DatasetError(f'{folder}: no class folders (expected {root}/<class>/<images>, or '
+                           f'{root}/train/<class>/... and {root}/val/<class>/...)')
+    out = {}
+    for c in classes:
+        files = _images(c, exts, ignored)
+        if not files:
+            raise DatasetError(f'{c}: no images in this class folder (JPEG, PNG, WebP, BMP, ... by '
+                               f'their extension); add some or remove the folder')
+        out[c.name] = files
+    return out
+
+
+def scan(root: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0) -> FolderScan:
+    """The classes and the files of each split (see the module docstring); :class:`DatasetError`
+    in one line for a layout that cannot be trained on."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f'{root}: no such folder' if not root.exists() else f'{root}: not a folder')
+    exts, ignored = image_extensions(), []
+    val_dir = next((root / v for v in VAL_NAMES if (root / v).is_dir()), None)
+    if (root / 'train').is_dir():
+        train = _classes(root / 'train', exts, ignored, root)
+        if val_dir is not None:
+            val = _classes(val_dir, exts, ignored, root)
+            if set(train) != set(val):
+                only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+                diff = '; '.join(f'only in {w}: {", ".join(n[:5])}{" ..." if len(n) > 5 else ""}'
+                                 for w, n in ((root / 'train', only_t), (val_dir, only_v)) if n)
+                raise DatasetError(f'{root}: train and {val_dir.name} hold different classes ({diff})')
+            names = tuple(sorted(train))
+            return FolderScan(names, [(p, i) for i, n in enumerate(names) for p in train[n]],
+                              [(p, i) for i, n in enumerate(names) for p in val[n]], 'train/val', ignored)
+        by_class = train
+    else:
+        by_class = _classes(root, exts, ignored, root)
+    if len(by_class) < 2:
+        raise DatasetError(f'{root}: one class folder ({next(iter(by_class))}); a classifier needs at least 2')
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f'--val-fraction: must lie in (0, 1) to split {root} into train and test, '
+                           f'got {val_fraction}')
+    names = tuple(sorted(by_class))
+    rng = np.random.default_rng(seed)
+    train_items, test_items = [], []
+    for i, n in enumerate(names):  # stratified: the same fraction of every class, seeded
+        files = by_class[n]
+        order = rng.permutation(len(files))
+        k = min(len(files) - 1, int(round(len(files) * val_fraction))) if len(files) > 1 else 0
+        test_items += [(files[j], i) for j in sorted(order[:k])]
+        train_items += [(files[j], i) for j in sorted(order[k:])]
+    if not test_items:
+        raise DatasetError(f'{root}: --val-fraction {val_fraction} leaves no test images '
+                           f'({len(train_items)} images in all); raise it or add a val/ folder')
+    return FolderScan(names, train_items, test_items, 'classes', ignored)
+
+
+# --- decoding, in worker processes -------------------------------------------------------------------
+def _decode_chunk(task):
+    """(start, paths, size) -> (start, [uint8 image or the reason it failed])."""
+    from app.images import ImageError, prepare_image
+    start, paths, size = task
+    out = []
+    for p in paths:
+        try:
+            out.append(prepare_image(p, size=size)[0])
+        except ImageError as e:
+            out.append(str(e))
+        except Exception as e:  # a decoder bug on one odd file: that file, not the conversion
+            out.append(f'{p}: cannot decode ({type(e).__name__}: {e})')
+    return start, out
+
+
+def _ignore_sigint() -> None:
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def decode_images(paths: list[Path], size: int, *, workers: int, progress: bool, desc: str,
+                  on_failure: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """(N x size x size x 3 uint8, N bools: decoded) for ``paths``, decoded by ``workers``
+    processes; ``on_failure(reason)`` for each file that could not be (it may raise to stop)."""
+    from tqdm import tqdm
+    images = np.zeros((len(paths), size, size, 3), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    tasks = [(i, paths[i:i + CHUNK], size) for i in range(0, len(paths), CHUNK)]
+    bar = tqdm(total=len(paths), desc=desc, unit='img', disable=not progress)
+
+    def take(start, results):
+        for j, r in enumerate(results):
+            if isinstance(r, str):
+                on_failure(r)
+            else:
+                images[start + j], ok[start + j] = r, True
+        bar.update(len(results))
+
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            for t in tasks:
+                take(*_decode_chunk(t))
+        else:
+            # fork where there is one (Linux): workers start in ~ms and share the imports
+            ctx = multiprocessing.get_context('fork' if sys.platform.startswith('linux') else 'spawn')
+            with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
+                for start, results in pool.imap_unordered(_decode_chunk, tasks):
+                    take(start, results)
+    finally:
+        bar.close()
+    return images, ok
+
+
+def _mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0-255) of uint8 NHWC images, in float64, in chunks."""
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    for i in range(0, len(images), 4096):
+        x = images[i:i + 4096].reshape(-1, 3).astype(np.float64)
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    n = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    std = np.where(std > 1e-3, std, 1.0)  # a constant channel: leave it unscaled, not divided by 0
+    return tuple(round(float(m), 3) for m in mean), tuple(round(float(s), 3) for s in std)
+
+
+def default_name(folder: Path) -> str:
+    name = re.sub(r'[^A-Za-z0-9_.-]+', '_', folder.resolve().name).strip('._-') or 'images'
+    return name[:64]
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def write_image_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                       name: str | None = None, size: int = 32, val_fraction: float = 0.1,
+                       seed: int = 0, strict: bool = False, force: bool = False, num_workers: int = -1,
+                       progress: bool = True, log: Callable[[str], None] = print) -> WriteResult:
+    """Convert the image folder ``folder`` (see the module docstring) into ``out_dir`` (default
+    ``data_beton/<name>/``, ``name`` default: the folder's name)."""
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    name = name or default_name(folder)
+    if not NAME_PATTERN.match(name):
+        raise DatasetError(f'--name: {name!r} must be letters, digits, _ . - (at most 64)')
+    if not 8 <= size <= 1024:
+        raise DatasetError(f'--size: must lie in [8, 1024] pixels, got {size}')
+    found = scan(folder, val_fraction=val_fraction, seed=seed)
+    out_dir = Path(out_dir) if out_dir is not None else default_out(name)
+    no_ffcv = prepare_out_dir(out_dir, log)
+    fingerprint = found.fingerprint(folder, size, val_fraction if found.layout == 'classes' else None, seed)
+    if not force and (m := is_up_to_date(out_dir, fingerprint, with_beton=not no_ffcv, dataset=name)):
+        log(f'{out_dir}: .beton files are up to date for {folder} (same files and options); nothing '
+            f'to do (--force rewrites them)')
+        return WriteResult('skipped', m, time.perf_counter() - t0, out_dir)
+    if found.ignored:
+        log(f'note: ignored {len(found.ignored):,} files that are not images by their extension '
+            f'(e.g. {found.ignored[0]})')
+    workers = usable_cores() if num_workers < 1 else num_workers
+    failures: list[str] = []
+
+    def failed(reason: str) -> None:
+        if strict:
+            raise DatasetError(f'{reason} (--strict stops at the first unreadable image)')
+        failures.append(reason)
+        log(f'warning: skipped {reason}')
+
+    splits = {}
+    for split, items in (('train', found.train), ('test', found.test)):
+        images, ok = decode_images([p for p, _ in items], size, workers=workers, progress=progress,
+                                   desc=f'decode {split} {size}x{size}', on_failure=failed)
+        labels = np.array([label for _, label in items], np.int64)
+        splits[split] = Split(np.ascontiguousarray(images[ok]), labels[ok])
+        if not len(splits[split]):
+            raise DatasetError(f'{folder}: no readable images for the {split} split')
+    if failures:
+        log(f'skipped {len(failures):,} unreadable images of {len(found.train) + len(found.test):,} '
+            f'(named above; --strict stops at the first instead)')
+    mean, std = _mean_std(splits['train'].images)
+    ds = Dataset(name=name, title=name, class_names=found.class_names, image_size=size, mean=mean, std=std)
+    ds.check(str(folder))
+    data = SourceData(ds, splits['train'], splits['test'], str(folder), fingerprint)
+    extra = {'kind': 'image folder', 'layout': found.layout, 'size': size, 'skipped': len(failures),
+             **({'val_fraction': val_fraction, 'seed': seed} if found.layout == 'classes' else {})}
+    return write_outputs(data, out_dir, no_ffcv=no_ffcv, num_workers=num_workers, progress=progress,
+                         t0=t0, log=log, source_extra=extra)
