@@ -147,19 +147,25 @@ def scan(root: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0) -
 
 
 # --- decoding, in worker processes -------------------------------------------------------------------
+_OUT: np.ndarray | None = None  # where forked workers write their images (shared memory), if set
+
+
 def _decode_chunk(task):
-    """(start, paths, size) -> (start, [uint8 image or the reason it failed])."""
+    """(start, paths, size) -> (start, count, {index: reason it failed}, images or None): the
+    images go straight into the shared output where there is one (forked workers: no pickling
+    of pixels back to the parent), else back with the result (spawned workers, macOS)."""
     from app.images import ImageError, prepare_image
     start, paths, size = task
-    out = []
-    for p in paths:
+    failed, images = {}, None if _OUT is not None else np.zeros((len(paths), size, size, 3), np.uint8)
+    out = _OUT[start:start + len(paths)] if _OUT is not None else images
+    for j, p in enumerate(paths):
         try:
-            out.append(prepare_image(p, size=size)[0])
+            out[j] = prepare_image(p, size=size)[0]
         except ImageError as e:
-            out.append(str(e))
+            failed[j] = str(e)
         except Exception as e:  # a decoder bug on one odd file: that file, not the conversion
-            out.append(f'{p}: cannot decode ({type(e).__name__}: {e})')
-    return start, out
+            failed[j] = f'{p}: cannot decode ({type(e).__name__}: {e})'
+    return start, len(paths), failed, images
 
 
 def _ignore_sigint() -> None:
@@ -171,46 +177,60 @@ def decode_images(paths: list[Path], size: int, *, workers: int, progress: bool,
                   on_failure: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
     """(N x size x size x 3 uint8, N bools: decoded) for ``paths``, decoded by ``workers``
     processes; ``on_failure(reason)`` for each file that could not be (it may raise to stop)."""
+    global _OUT
+    import mmap
     from tqdm import tqdm
-    images = np.zeros((len(paths), size, size, 3), np.uint8)
-    ok = np.zeros(len(paths), bool)
+    fork = sys.platform.startswith('linux')  # fork: workers start in ~ms and share the output
+    shape = (len(paths), size, size, 3)
+    if fork and workers > 1:  # anonymous shared memory: what a forked worker writes, we read
+        images = np.frombuffer(mmap.mmap(-1, max(1, int(np.prod(shape)))), np.uint8)[:int(np.prod(shape))]
+        images = images.reshape(shape)
+    else:
+        images = np.zeros(shape, np.uint8)
+    ok = np.ones(len(paths), bool)
     tasks = [(i, paths[i:i + CHUNK], size) for i in range(0, len(paths), CHUNK)]
     bar = tqdm(total=len(paths), desc=desc, unit='img', disable=not progress)
 
-    def take(start, results):
-        for j, r in enumerate(results):
-            if isinstance(r, str):
-                on_failure(r)
-            else:
-                images[start + j], ok[start + j] = r, True
-        bar.update(len(results))
+    def take(start, count, failed, chunk):
+        if chunk is not None:
+            images[start:start + count] = chunk
+        for j, reason in failed.items():
+            ok[start + j] = False
+            on_failure(reason)
+        bar.update(count)
 
     try:
         if workers <= 1 or len(tasks) <= 1:
+            _OUT = images
             for t in tasks:
                 take(*_decode_chunk(t))
         else:
-            # fork where there is one (Linux): workers start in ~ms and share the imports
-            ctx = multiprocessing.get_context('fork' if sys.platform.startswith('linux') else 'spawn')
+            _OUT = images if fork else None
+            ctx = multiprocessing.get_context('fork' if fork else 'spawn')
             with ctx.Pool(workers, initializer=_ignore_sigint) as pool:
-                for start, results in pool.imap_unordered(_decode_chunk, tasks):
-                    take(start, results)
+                for result in pool.imap_unordered(_decode_chunk, tasks):
+                    take(*result)
     finally:
+        _OUT = None
         bar.close()
     return images, ok
 
 
 def _mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (0-255) of uint8 NHWC images, in float64, in chunks."""
-    total = np.zeros(3)
-    squares = np.zeros(3)
-    for i in range(0, len(images), 4096):
-        x = images[i:i + 4096].reshape(-1, 3).astype(np.float64)
-        total += x.sum(0)
-        squares += (x * x).sum(0)
-    n = images.shape[0] * images.shape[1] * images.shape[2]
-    mean = total / n
-    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    """Per-channel mean and std (0-255) of uint8 NHWC images: exact, from each channel's
+    histogram of the 256 values (10,000 64x64 images: ~0.4 s; summing float64 copies took ~4 s)."""
+    hist = np.zeros((3, 256), np.int64)
+    for i in range(0, len(images), 2048):  # chunks that stay in the cache
+        rows = images[i:i + 2048].reshape(-1, 3)
+        for c in range(3):
+            hist[c] += np.bincount(rows[:, c], minlength=256)
+    v = np.arange(256, dtype=np.float64)
+    mean, std = np.zeros(3), np.zeros(3)
+    for c in range(3):
+        counts = hist[c].astype(np.float64)
+        n = counts.sum()
+        mean[c] = (counts * v).sum() / n
+        std[c] = np.sqrt((counts * (v - mean[c]) ** 2).sum() / n)
     std = np.where(std > 1e-3, std, 1.0)  # a constant channel: leave it unscaled, not divided by 0
     return tuple(round(float(m), 3) for m in mean), tuple(round(float(s), 3) for s in std)
 
