@@ -244,7 +244,7 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
                                        batch_size=d.batch_size, channels_last=channels_last,
                                        mean=ds.mean, std=ds.std)
     resolved = {'data.dataset': ds.name, 'model.num_classes': ds.num_classes,
-                'augment.translate': aug['padding'], 'augment.cutout': aug['cutout']}
+                **{f'augment.{k}': v for k, v in aug.items()}}
     return TrainingData(train, test, ds, kind, notices, resolved, tuple(paths))
 
 
@@ -259,7 +259,7 @@ def _ffcv_loaders(cfg, paths, aug, train_idx, test_idx, ds, *, device, dtype, wo
                         indices=train_idx, batches_ahead=d.batches_ahead, state=state,
                         pipelines=train_pipeline(device=device, dtype=dtype, state=state,
                                                  channels_last=channels_last, mean=ds.mean,
-                                                 std=ds.std, **aug))
+                                                 std=ds.std, image_size=ds.image_size, **aug))
     if test_idx is None:  # the test split is resident on the device instead
         return train, None
     test = make_loader(paths[1], batch_size=d.test_batch_size, num_workers=workers, order='sequential',

@@ -30,7 +30,8 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from .ffcv_patches import apply_loader_patches, stable_quasi_random
-from .ops import AugmentationState, Cutout, NormalizeToFloat, RandomHorizontalFlip, RandomTranslate
+from .augment import active
+from .ops import AugmentationState, AugmentOp, NormalizeToFloat
 from .pixels import Normalize, fill_colour, normalization_table
 
 ORDERS = {'quasi_random': OrderOption.QUASI_RANDOM, 'random': OrderOption.RANDOM,
@@ -61,32 +62,30 @@ def label_pipeline(*, device: torch.device) -> list:
     return ops + [Squeeze(1), Convert(torch.int64)]  # dim 1 only: a last batch of 1 stays 1-D
 
 
-def augmentation(state: AugmentationState, *, flip: bool, padding: int, cutout: int, fill,
+def augmentation(state: AugmentationState, augment: dict, *, image_size: int, fill,
                  ffcv_builtin: bool = False) -> list:
-    """The augmentation ops in order, one entry per op (settings: ``augment.settings``).
-    ``ffcv_builtin``: FFCV's own ops with the same settings instead (not reproducible: the
-    benchmark's comparison only)."""
-    if ffcv_builtin:
-        import ffcv.transforms as FT
+    """The ops ``augment`` ({op name: value}, ``augment.settings``) turns on, in order, one FFCV
+    op each. ``ffcv_builtin``: FFCV's own version of each op instead, where it has one (not
+    reproducible: the benchmark's comparison only)."""
     ops = []
-    if flip:
-        ops.append(FT.RandomHorizontalFlip() if ffcv_builtin else RandomHorizontalFlip(state))
-    if padding > 0:
-        ops.append(FT.RandomTranslate(padding=padding, fill=fill) if ffcv_builtin else
-                   RandomTranslate(state, padding=padding, fill=fill))
-    if cutout > 0:
-        ops.append(FT.Cutout(cutout, fill) if ffcv_builtin else Cutout(state, size=cutout, fill=fill))
+    for o, params in active(augment, image_size, fill):
+        value = augment[o.name]
+        if ffcv_builtin:
+            if o.ffcv_builtin is not None:
+                ops.append(o.ffcv_builtin(value, image_size, tuple(fill)))
+        else:
+            ops.append(AugmentOp(state, o, params))
     return ops
 
 
-def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState,
-                   flip: bool, padding: int, cutout: int, mean, std, channels_last: bool = True,
-                   normalize: bool = True,
-                   ffcv_builtin: bool = False) -> dict[str, list]:
-    """The training augmentation (settings: the config's ``augment`` section, one source).
-    ``normalize=False`` ends at uint8 torch images; ``ffcv_builtin``: see :func:`augmentation`."""
+def train_pipeline(*, device: torch.device, dtype: torch.dtype, state: AugmentationState, mean, std,
+                   image_size: int, channels_last: bool = True, normalize: bool = True,
+                   ffcv_builtin: bool = False, **augment) -> dict[str, list]:
+    """The training augmentation (``augment``: {op name: value}, the config's ``augment`` section
+    through ``augment.settings``, one source). ``normalize=False`` ends at uint8 torch images;
+    ``ffcv_builtin``: see :func:`augmentation`."""
     image = [SimpleRGBImageDecoder(),
-             *augmentation(state, flip=flip, padding=padding, cutout=cutout, fill=fill_colour(mean),
+             *augmentation(state, augment, image_size=image_size, fill=fill_colour(mean),
                            ffcv_builtin=ffcv_builtin),
              *_tail(device, dtype, mean, std, channels_last, normalize)]
     return {'image': image, 'label': label_pipeline(device=device)}

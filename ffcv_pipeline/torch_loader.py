@@ -3,12 +3,12 @@ the uint8 arrays ``write_datasets.py`` stores beside the ``.beton`` files.
 
     loader = make_torch_loader('data_beton/cifar100/cifar100_train.npy', batch_size=512,
                                num_workers=8, device=torch.device('cuda'), dtype=torch.bfloat16,
-                               seed=0, train=True, augment=dict(flip=True, padding=4, cutout=8),
+                               seed=0, train=True, augment=dict(flip=True, translate=4, cutout=8),
                                mean=ds.mean, std=ds.std)
     for x, y in loader.epoch(3): ...   # normalized channels-last batches on the device
 
 Same batches in distribution *and* in pixels as the FFCV loader: each worker augments a whole
-batch with ``augment.augment_batch``, the numpy twin of the FFCV JIT ops (same hash, same draws
+batch with ``augment.augment_batch``, the very op bodies the FFCV JIT ops run (same hash, same draws
 per (seed, epoch, sample)), ships uint8 through pinned memory, and the batch is normalized on
 the device by the same :class:`Normalize`. The order is a permutation drawn from (seed, epoch),
 so a resumed run sees the same batches. Imports torch and numpy only: no ffcv, numba or OpenCV.
@@ -30,8 +30,8 @@ class _Batches(torch.utils.data.Dataset):
     once instead of Python per image. Opens the array lazily, so spawned workers (macOS) get a
     path, not 150 MB of pickled pixels."""
 
-    def __init__(self, path: Path, *, seed: int, augment: dict | None):
-        self.path, self.seed, self.augment = Path(path), seed, augment
+    def __init__(self, path: Path, *, seed: int, augment: dict | None, fill=(0, 0, 0)):
+        self.path, self.seed, self.augment, self.fill = Path(path), seed, augment, fill
         self._arrays = None
 
     def __len__(self) -> int:
@@ -47,7 +47,8 @@ class _Batches(torch.utils.data.Dataset):
         rows = self._data()[idx]  # sorted fancy index into the memory map: one copy
         x = rows['image']
         if self.augment:
-            x = augment_batch(x, idx, seed=self.seed, epoch=epoch, **self.augment)
+            x = augment_batch(x, idx, seed=self.seed, epoch=epoch, augment=self.augment,
+                              fill=self.fill)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(rows['label'].astype(np.int64))
 
 
@@ -132,17 +133,17 @@ def make_torch_loader(path: str | Path, *, batch_size: int, num_workers: int, de
                       indices: np.ndarray | None = None, rank: int = 0, world_size: int = 1,
                       shuffle: bool | None = None, prefetch: int = 2, channels_last: bool = True,
                       mean, std) -> TorchLoader:
-    """``train``: shuffled, ``drop_last``, augmented with ``augment`` (flip/padding/cutout,
+    """``train``: shuffled, ``drop_last``, augmented with ``augment`` ({op name: value}, ``augment.settings``,
     filled with the mean colour); else sequential and plain. ``indices``: a subset."""
     n = len(load_arrays(path))
     indices = np.arange(n) if indices is None else np.asarray(indices)
     if len(indices) and not 0 <= indices.min() <= indices.max() < n:
         raise ValueError(f'{path}: sample indices must lie in [0, {n - 1}]')
-    aug = {**augment, 'fill': fill_colour(mean)} if train and augment else None
+    aug = dict(augment) if train and augment else None
     sampler = _EpochBatches(indices, batch_size=batch_size, shuffle=train if shuffle is None else shuffle,
                             seed=seed, drop_last=train, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(
-        _Batches(path, seed=seed, augment=aug), batch_sampler=sampler, collate_fn=_keep,
+        _Batches(path, seed=seed, augment=aug, fill=fill_colour(mean)), batch_sampler=sampler, collate_fn=_keep,
         num_workers=num_workers, pin_memory=device.type == 'cuda', worker_init_fn=_worker_ignores_ctrl_c,
         persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)
     return TorchLoader(loader, sampler, device, Normalize(mean, std, dtype), channels_last)

@@ -314,13 +314,14 @@ def test_both_loaders_augment_64px_images_identically(folder64):
     from omegaconf import OmegaConf
     _, data = folder64
     ds = manifest_dataset(read_manifest(data), data)
-    aug = settings(OmegaConf.create({'flip': True, 'translate': None, 'cutout': None}), ds.image_size)
-    assert (aug['padding'], aug['cutout']) == (8, 16)
+    aug = settings(OmegaConf.create({'flip': True, 'brightness': 0.0, 'translate': None, 'cutout': None}),
+                   ds.image_size)
+    assert (aug['translate'], aug['cutout']) == (8, 16)
     cpu, state = torch.device('cpu'), AugmentationState(7)
     f = make_loader(data / 'pets_train.beton', batch_size=9, num_workers=1, order='sequential', os_cache=True,
                     drop_last=False, state=state,
                     pipelines=train_pipeline(device=cpu, dtype=torch.float32, state=state, mean=ds.mean,
-                                             std=ds.std, normalize=False, **aug))
+                                             std=ds.std, image_size=64, normalize=False, **aug))
     t = make_torch_loader(data / 'pets_train.npy', batch_size=9, num_workers=0, device=cpu, dtype=torch.float32,
                           seed=7, train=True, augment=aug, shuffle=False, mean=ds.mean, std=ds.std)
     std, mean = torch.tensor(ds.std).view(1, 3, 1, 1), torch.tensor(ds.mean).view(1, 3, 1, 1)

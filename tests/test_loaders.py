@@ -18,7 +18,7 @@ def loaders(folder, *, cutout=8, translate=4, flip=True, seed=0, workers=2):
     train = make_loader(folder / BETON_NAMES['train'], batch_size=100, num_workers=workers,
                         order='sequential', os_cache=True, drop_last=True, state=state,
                         pipelines=train_pipeline(device=CPU, dtype=torch.float32, state=state, mean=CIFAR100_MEAN, std=CIFAR100_STD,
-                                                 flip=flip, padding=translate, cutout=cutout))
+                                                 image_size=32, flip=flip, translate=translate, cutout=cutout))
     test = make_loader(folder / BETON_NAMES['test'], batch_size=100, num_workers=workers,
                        order='sequential', os_cache=True, drop_last=False,
                        pipelines=test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))

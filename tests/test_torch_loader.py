@@ -18,7 +18,7 @@ from conftest import PY, ROOT, images_of, tiny
 from conftest import BETON_NAMES, CIFAR100_MEAN, CIFAR100_STD
 
 CPU = torch.device('cpu')
-AUG = dict(flip=True, padding=4, cutout=8)
+AUG = dict(flip=True, translate=4, cutout=8)
 
 
 def denorm(x: torch.Tensor) -> np.ndarray:
@@ -32,7 +32,8 @@ def ffcv_loader(betons, *, split='train', seed=0, aug=AUG):
     from ffcv_pipeline.loaders import make_loader, test_pipeline, train_pipeline
     from ffcv_pipeline.ops import AugmentationState
     state = AugmentationState(seed)
-    pipes = (train_pipeline(device=CPU, dtype=torch.float32, state=state, mean=CIFAR100_MEAN, std=CIFAR100_STD, **aug) if split == 'train'
+    pipes = (train_pipeline(device=CPU, dtype=torch.float32, state=state, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+                            image_size=32, **aug) if split == 'train'
              else test_pipeline(device=CPU, dtype=torch.float32, mean=CIFAR100_MEAN, std=CIFAR100_STD))
     return make_loader(betons / BETON_NAMES[split], batch_size=100, num_workers=1, order='sequential',
                        os_cache=True, drop_last=False, state=state, pipelines=pipes)
@@ -115,6 +116,20 @@ def test_both_loaders_augment_every_image_identically(both, synthetic_data):
         assert 0.03 < sa['cutout_cover'] <= 64 / 1024  # the 8x8 square, less what fell on the border
         assert np.abs(sa['channel_mean']).max() < 0.5
     assert not torch.equal(both[0][1][0], both[1][1][0])  # other draws in another epoch
+
+
+@pytest.mark.parametrize('name', ['every op', *__import__('ffcv_pipeline.augment').augment.OPS])
+def test_every_registered_op_gives_the_same_pixels_in_both_loaders(synthetic_betons, synthetic_data, name):
+    """Each op of the registry alone (with its example value), and all of them together: the
+    FFCV JIT op and the torchvision loader's worker give the same uint8 pixels, and the op
+    changes images. A new op is covered by registering it."""
+    from ffcv_pipeline.augment import OPS
+    aug = {n: o.example for n, o in OPS.items() if name in (n, 'every op')}
+    a = denorm(epoch_of(ffcv_loader(synthetic_betons, aug=aug), 2)[0])
+    b = denorm(epoch_of(torch_loader(synthetic_betons, aug=aug, workers=1), 2)[0])
+    assert (a == b).all(), f'{name}: {(a != b).any(-1).sum()} pixels differ'
+    src = images_of(synthetic_data[1]).astype(np.int16)
+    assert (a != src).any(axis=(1, 2, 3)).mean() > 0.3, f'{name} changed too few images'
 
 
 def test_without_augmentation_both_give_the_exact_pixels(synthetic_betons, synthetic_data):

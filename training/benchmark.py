@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ffcv_pipeline import ffcv_version
-from ffcv_pipeline.augment import settings
+from ffcv_pipeline.augment import active, settings
 from ffcv_pipeline.data import build_data, dataset_files
 from model import build_model, use_channels_last
 
@@ -113,9 +113,11 @@ class Bench:
         self.cuda = self.dev.type == 'cuda'
         self.workers = workers_per_process(s.workers)
 
+    def augment(self) -> dict:
+        return settings(self.cfg.augment, self.ds.image_size)
+
     def augment_values(self) -> dict:
-        aug = settings(self.cfg.augment, self.ds.image_size)
-        return {'augment.translate': aug['padding'], 'augment.cutout': aug['cutout']}
+        return {f'augment.{k}': v for k, v in self.augment().items()}
 
     def config(self, *extra: str):
         return load_config(self.s.config, [*self.s.overrides, f'training.device={self.s.device}', *extra])
@@ -133,23 +135,24 @@ class Bench:
         return time_epochs(train.epoch, self.s.epochs, self.dev)
 
     def classic_loader(self) -> dict:
-        """torchvision's per-image transforms: uint8 array -> PIL -> crop/flip -> tensor ->
-        normalize -> erase (cutout, mean fill = 0 after normalizing), what the usual CIFAR
-        training scripts (and torchvision's CIFAR datasets) do per image."""
+        """torchvision's per-image transforms, each op's own (``augment.Op.torchvision``): uint8
+        array -> PIL -> flip/crop/... -> tensor -> normalize -> erase (cutout, mean fill = 0 after
+        normalizing), what the usual CIFAR training scripts (and torchvision's CIFAR datasets)
+        do per image."""
         import torchvision.transforms as T
-        from ffcv_pipeline.data import per_class_indices, resolve_path
+        from ffcv_pipeline.data import per_class_indices
         from ffcv_pipeline.pixels import fill_colour, load_arrays
-        cfg, a, ds = self.cfg, self.cfg.augment, self.ds
+        cfg, ds = self.cfg, self.ds
         arrays = load_arrays(self.train_path.with_suffix('.npy'))
         idx = per_class_indices(arrays['label'], self.s.per_class)
         images, labels = (arrays['image'], arrays['label']) if idx is None else \
             (arrays['image'][idx], arrays['label'][idx])
-        area = a.cutout ** 2 / (images.shape[1] * images.shape[2])
-        transform = T.Compose([
-            T.RandomCrop(images.shape[1], padding=a.translate, fill=fill_colour(ds.mean)),
-            *([T.RandomHorizontalFlip()] if a.flip else []), T.ToTensor(),
-            T.Normalize([m / 255 for m in ds.mean], [v / 255 for v in ds.std]),
-            *([T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)] if a.cutout else [])])
+        aug, fill = self.augment(), fill_colour(ds.mean)
+        stages = [o.torchvision(aug[o.name], ds.image_size, fill)
+                  for o, _ in active(aug, ds.image_size, fill) if o.torchvision is not None]
+        transform = T.Compose([*(t for kind, t in stages if kind == 'pil'), T.ToTensor(),
+                               T.Normalize([m / 255 for m in ds.mean], [v / 255 for v in ds.std]),
+                               *(t for kind, t in stages if kind == 'tensor')])
         loader = torch.utils.data.DataLoader(
             _PilDataset(images, labels, transform), batch_size=cfg.data.batch_size, shuffle=True,
             num_workers=self.workers, drop_last=True, persistent_workers=True, pin_memory=self.cuda)
@@ -212,7 +215,7 @@ class Bench:
             state = AugmentationState(0)
             pipelines = train_pipeline(device=cpu, dtype=torch.float32, state=state, normalize=False,
                                        ffcv_builtin=name == 'ffcv_builtin', mean=self.ds.mean,
-                                       std=self.ds.std, **settings(self.cfg.augment, self.ds.image_size))
+                                       std=self.ds.std, image_size=self.ds.image_size, **self.augment())
             loader = make_loader(self.train_path, batch_size=self.cfg.data.batch_size,
                                  num_workers=self.workers, order='quasi_random', os_cache=True,
                                  drop_last=True, state=state, pipelines=pipelines)

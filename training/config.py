@@ -54,6 +54,9 @@ class AugmentConfig:
     flip: bool = True
     translate: Optional[int] = None  # max shift in pixels (pad-and-crop); 0 = off; null = auto: size/8 (4 at 32 px)
     cutout: Optional[int] = None  # square side in pixels; 0 = off; null = auto: size/4 (8 at 32 px)
+    # Each key is one op of ffcv_pipeline/augment.py (its name); they apply in the order registered
+    # there: flip, brightness, translate, cutout.
+    brightness: float = 0.0  # scale every pixel by a factor uniform in [1-b, 1+b] (ColorJitter's brightness); 0 = off
 
 
 @dataclass

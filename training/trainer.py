@@ -64,7 +64,6 @@ class Trainer:
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
-        from ffcv_pipeline.data import build_data
         cfg, tc, b = self.cfg, self.cfg.training, self.budget
         with b.span('model_build'):  # first: an unwritable or busy run folder stops before anything is built
             name = cfg.output.name or f'{self.config_name}-{_dt.datetime.now():%Y%m%d-%H%M%S}'
@@ -80,11 +79,12 @@ class Trainer:
             self.workers = workers_per_process(cfg.data.num_workers)
             channels_last = use_channels_last(cfg.model, self.device)
         with b.span('data_open'):
+            from ffcv_pipeline.data import build_data  # numba with the augmentation ops: ~0.1 s
             self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT,
                                    workers=self.workers, channels_last=channels_last,
                                    rank=self.info.rank, world_size=self.info.world_size)
-        # the keys left to the data (model.num_classes, augment sizes: null = auto) as they ran
-        self.cfg = cfg = with_values(cfg, self.data.resolved)
+            # the keys left to the data (model.num_classes, augment sizes: null = auto) as they ran
+            self.cfg = cfg = with_values(cfg, self.data.resolved)
         size = self.data.dataset.image_size
         if tc.tta_translate >= size // 2:
             raise ConfigError(f'training.tta_translate: must lie in [0, {size // 2 - 1}] for '
