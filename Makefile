@@ -2,7 +2,7 @@
 #   make run    set-up if needed -> download CIFAR-100 -> write .beton files -> train rn18.yaml
 #   make test   set-up if needed -> pytest (fast tests; `make test-slow` runs the slow ones)
 # More: make check (re-measure the acceptance figures), make benchmark, make speedrun, make app,
-#       make export.
+#       make export, make publish HUB_REPO=USER/NAME (the Hugging Face Hub).
 # Variables: CIFAR_SOURCE=path/to/cifar-100-python.tar.gz (no download), CONFIG=rn18.yaml,
 #            TRAIN_ARGS='--training.epochs 2', PYTEST_ARGS='-k loader', VENV=.venv
 VENV ?= .venv
@@ -57,3 +57,17 @@ export: setup
 SPEEDRUN_ARGS ?= --runs 3
 speedrun: data
 	$(PY) scripts/speedrun.py --config $(CONFIG) $(SPEEDRUN_ARGS)
+
+# make publish HUB_REPO=USER/NAME: the newest runs/*/best.pt (or CHECKPOINT=...) as a Gradio Space
+# (the torch-free ONNX app) and a model repository (model.safetensors, config.json, model.onnx,
+# the model card), both USER/NAME on the Hugging Face Hub; HUB_MODEL=OTHER/NAME names the model
+# repository apart, HUB_MODEL= (empty) skips it. Written first to dist/hub/; log in before
+# (`$(VENV)/bin/hf auth login`, or HF_TOKEN). PUBLISH_ARGS='--private' and the like go to export.py.
+.PHONY: publish
+HUB_REPO ?=
+HUB_MODEL ?= $(HUB_REPO)
+PUBLISH_ARGS ?=
+publish: setup
+	@test -n "$(HUB_REPO)" || { echo "error: give HUB_REPO=USER/NAME (the Space to create or update)" >&2; exit 2; }
+	@test -n "$(CHECKPOINT)" || { echo "error: no runs/*/best.pt; train one (make run) or give CHECKPOINT=path" >&2; exit 2; }
+	$(PY) scripts/export.py "$(CHECKPOINT)" --push-to-hub "$(HUB_REPO)" $(if $(HUB_MODEL),--hub-model "$(HUB_MODEL)") $(PUBLISH_ARGS)
