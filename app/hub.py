@@ -10,7 +10,7 @@ in full to local folders first, then uploaded with ``huggingface_hub``. ``script
 What goes where:
   * the **model repository** (:func:`export_model_repo`): ``model.safetensors`` (weights),
     ``config.json`` (what rebuilds the model: ``model.modelfile``), ``model.onnx`` (verified
-    against torch; the Space's own file when both are published), ``README.md`` (the card:
+    against torch; the Space's own float file when both are published), ``README.md`` (the card:
     ``app.modelcard``), ``export.json``. Before it is kept, the safetensors + config.json pair is
     loaded back and must give the checkpoint's logits exactly.
   * the **Space**: what ``app.export.export(space=True)`` writes, its README linking the model.
@@ -120,7 +120,7 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         run = read_run(checkpoint, ckpt)
         card = model_card(ckpt, run, repo_id, files=MODEL_REPO_FILES, parameters=count_parameters(model))
         atomic_write_text(stage / 'README.md', card)
-        manifest['run'] = str(run.folder) if run.summary is not None else None
+        manifest['run'] = str(run.folder) if run.folder is not None else None
         manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file()] + [MANIFEST])
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
         _publish(stage, out, force=force)
@@ -258,6 +258,9 @@ def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: s
     ``export_options`` go to ``app.export.export`` (``data_dir``, ``example_dirs``, ...)."""
     if not (space or model):
         raise HubError('nothing to publish: give --push-to-hub USER/NAME (a Space) and/or --hub-model USER/NAME')
+    if int8 and not space:
+        raise HubError('--int8 quantizes the Space\'s model: give --push-to-hub too (a model repository '
+                       'ships the float weights and a float model.onnx)')
     if space:
         check_repo_id(space, '--push-to-hub')
     if model:
@@ -270,7 +273,8 @@ def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: s
         export(checkpoint, folders['space'], onnx=onnx or int8, fp16=fp16, int8=int8, space=True, log=log,
                force=force, hub_model=model, **export_options)
     if model:
-        shipped = folders.get('space', Path()) / 'model.onnx' if space and (onnx or int8) else None
+        # the Space's verified float ONNX file when it has one; an int8 Space's is not the model's weights
+        shipped = folders['space'] / 'model.onnx' if space and onnx and not int8 else None
         export_model_repo(checkpoint, folders['model'], repo_id=model, fp16=fp16, onnx_file=shipped,
                           log=log, force=force, **{k: v for k, v in export_options.items() if k == 'example_dirs'})
     where = 'nothing was uploaded; the files are in ' + ' and '.join(str(f) for f in folders.values())

@@ -52,9 +52,7 @@ def read_run(checkpoint: str | os.PathLike, ckpt: dict) -> RunInfo:
     ``runs/<run>/``); what is missing or unreadable stays empty (an exported file has no run)."""
     path = Path(checkpoint)
     folder = path if path.is_dir() else path.parent
-    info = RunInfo(folder=folder)
-    if not (folder / 'summary.json').is_file() and not (folder / 'metrics.jsonl').is_file():
-        info.folder = None
+    info = RunInfo(folder=folder if (folder / 'summary.json').is_file() else None)
     info.summary = _read_json(folder / 'summary.json')
     try:
         info.records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines() if line.strip()]
