@@ -232,7 +232,8 @@ def push(api, folder: Path, repo_id: str, repo_type: str, files: list[str], *, e
     doing = f'create the {kind} {repo_id}'
     try:
         extra = {'space_sdk': 'gradio'} if repo_type == 'space' else {}
-        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private, **extra)
+        # private=None, not False: without --private the namespace's default visibility applies
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private or None, **extra)
         doing = f'upload {len(files)} files to the {kind} {repo_id}'
         api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder),
                           allow_patterns=list(files), commit_message=message)

@@ -245,7 +245,7 @@ def test_saved_login_updates_existing_repos_and_bad_ids_stop_first(small_ckpt, h
                                   '--model-out', tmp_path / 'model')
         assert code == 0, err
         assert f'model repository: {hub.url}/alice/again' in out.splitlines()
-    assert len(hub.repo('model', 'alice/again').commits) == 2
+    assert len(hub.repo('model', 'alice/again').commits) == 2 and not hub.repo('model', 'alice/again').private
     for bad in ('just-a-name', 'alice/bad name', 'a/b/c'):
         code, _, err = run_main('export', small_ckpt, '--push-to-hub', bad, '--out', tmp_path / 'nothing')
         assert code == 2 and len(err.splitlines()) == 1 and f'--push-to-hub {bad!r}' in err, err
