@@ -3,7 +3,7 @@
 #               (make run DATASET=cifar10 CONFIG=rn18_cifar10.yaml; make run IMAGE_FOLDER=~/photos SIZE=64)
 #   make test   set-up if needed -> pytest (fast tests; `make test-slow` runs the slow ones)
 # More: make check (re-measure the acceptance figures), make benchmark, make speedrun, make app,
-#       make export.
+#       make export, make publish HUB_REPO=USER/NAME (the Hugging Face Hub).
 # Variables: CIFAR_SOURCE=path/to/the official archive (no download), CONFIG=rn18.yaml,
 #            DATASET=cifar10 (a built-in; default: the config's data.dataset),
 #            IMAGE_FOLDER=DIR (your images: DIR/<class>/* or DIR/{train,val}/<class>/*) with SIZE=32
@@ -70,3 +70,17 @@ export: setup
 SPEEDRUN_ARGS ?= --runs 3
 speedrun: data
 	$(PY) scripts/speedrun.py --config $(CONFIG) $(SPEEDRUN_ARGS)
+
+# make publish HUB_REPO=USER/NAME: the newest runs/*/best.pt (or CHECKPOINT=...) as a Gradio Space
+# (the torch-free ONNX app) and a model repository (model.safetensors, config.json, model.onnx,
+# the model card), both USER/NAME on the Hugging Face Hub; HUB_MODEL=OTHER/NAME names the model
+# repository apart, HUB_MODEL= (empty) skips it. Written first to dist/hub/; log in before
+# (`$(VENV)/bin/hf auth login`, or HF_TOKEN). PUBLISH_ARGS='--private' and the like go to export.py.
+.PHONY: publish
+HUB_REPO ?=
+HUB_MODEL ?= $(HUB_REPO)
+PUBLISH_ARGS ?=
+publish: setup
+	@test -n "$(HUB_REPO)" || { echo "error: give HUB_REPO=USER/NAME (the Space to create or update)" >&2; exit 2; }
+	@test -n "$(CHECKPOINT)" || { echo "error: no runs/*/best.pt; train one (make run) or give CHECKPOINT=path" >&2; exit 2; }
+	$(PY) scripts/export.py "$(CHECKPOINT)" --push-to-hub "$(HUB_REPO)" $(if $(HUB_MODEL),--hub-model "$(HUB_MODEL)") $(PUBLISH_ARGS)

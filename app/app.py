@@ -4,8 +4,9 @@ Gradio web app (also a Hugging Face Space; see app/README.md).
     python app/app.py                                   # http://127.0.0.1:7860
     python app/app.py --checkpoint runs/rn18/best.pt --host 0.0.0.0 --port 8080
 
-Model: ``--checkpoint`` (a training or exported ``.pt``, or an exported ``.onnx``), else
-``$MODEL_PATH``, else ``model.onnx`` / ``model.pt`` beside this file (an exported Space folder),
+Model: ``--checkpoint`` (a training or exported ``.pt``, an exported ``.onnx``, or a model
+repository's ``model.safetensors`` + ``config.json``), else ``$MODEL_PATH``, else ``model.onnx`` /
+``model.safetensors`` / ``model.pt`` beside this file (an exported Space folder),
 else the newest ``runs/*/best.pt``. A broken ``--checkpoint`` is an error (exit 2); without any
 model the app still starts and the page says how to train one. A torch model is compiled at
 start-up (``--no-compile`` / ``COMPILE_MODEL=0`` to skip); an ``.onnx`` one is served by ONNX
@@ -179,8 +180,9 @@ def build_app(predictor: Predictor | None, *, problem: str | None = None,
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description='Serve the trained classifier with Gradio.')
-    ap.add_argument('--checkpoint', help='checkpoint (.pt) or exported model (.onnx); default: '
-                                         '$MODEL_PATH, else model.onnx or model.pt beside app.py, '
+    ap.add_argument('--checkpoint', help='checkpoint (.pt), exported model (.onnx), or model.safetensors + '
+                                         'config.json (their folder or either file); default: $MODEL_PATH, '
+                                         'else model.onnx, model.safetensors or model.pt beside app.py, '
                                          'else the newest runs/*/best.pt')
     ap.add_argument('--backend', choices=BACKENDS,
                     help='torch or onnx (default: by the file name, .onnx -> onnx)')

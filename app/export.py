@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from model import count_parameters
-from model.checkpoint import atomic_save, load_checkpoint, model_from_checkpoint, slim_checkpoint
+from model.checkpoint import atomic_save, model_from_checkpoint, slim_checkpoint
+from model.modelfile import load_model_file
 from model.errors import UserError
 from model.fileio import DiskFullError, NotWritableError, atomic_write, atomic_write_text, is_disk_full
 from model.project import PROJECT_ROOT as ROOT
@@ -175,9 +176,12 @@ def _copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda f: f.write(src.read_bytes()))
 
 
-def space_readme(ckpt: dict, backend: str) -> str:
-    """app/README.md's YAML header (it configures the Space) and a short card for this model."""
+def space_readme(ckpt: dict, backend: str, hub_model: str | None = None) -> str:
+    """app/README.md's YAML header (it configures the Space) and a short card for this model;
+    ``hub_model``: the model repository it was published with (linked from the Space)."""
     header = (HERE / 'README.md').read_text().split('---\n')[1]
+    if hub_model:  # the Hub lists the Space on the model's page
+        header += f'models:\n- {hub_model}\n'
     m, cfg = ckpt.get('metrics') or {}, ckpt['model_config']
     top1 = f', test top-1 {m["test_top1"]:.2%}' if m.get('test_top1') is not None else ''
     runtime = ('ONNX Runtime (no torch needed)' if backend == 'onnx'
@@ -191,16 +195,19 @@ def space_readme(ckpt: dict, backend: str) -> str:
             f'image: the five most likely of the {n} classes{sup}.\n\n'
             f'Run it locally: `pip install -r requirements.txt && python app.py` '
             f'(http://127.0.0.1:7860). Exported with `scripts/export.py` from the '
-            f'cifar100-ffcv project.\n')
+            f'cifar100-ffcv project.\n'
+            + (f'\nThe weights (safetensors, ONNX), their config and a model card: '
+               f'[{hub_model}](https://huggingface.co/{hub_model}).\n' if hub_model else ''))
 
 
-def _stage_space(stage: Path, ckpt: dict, backend: str, examples: list[Path]) -> None:
+def _stage_space(stage: Path, ckpt: dict, backend: str, examples: list[Path],
+                 hub_model: str | None = None) -> None:
     for name in SPACE_MODULES['common'] + SPACE_MODULES[backend]:
         _copy(HERE / name, stage / name)
     for name in MODEL_FILES[backend]:
         _copy(ROOT / 'model' / name, stage / 'model' / name)
     _copy(REQUIREMENTS[backend], stage / 'requirements.txt')
-    atomic_write_text(stage / 'README.md', space_readme(ckpt, backend))
+    atomic_write_text(stage / 'README.md', space_readme(ckpt, backend, hub_model))
     for p in examples:
         _copy(p, stage / 'examples' / p.name)
 
@@ -269,12 +276,15 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
            fp16: bool = False, space: bool = False, int8: bool = False,
            data_dir: str | os.PathLike | None = None, example_dirs=None,
            log: Callable[[str], None] = print, max_top1_drop: float = INT8_MAX_TOP1_DROP,
-           force: bool = False) -> dict:
-    """Do the export (see the module docstring); returns what ``export.json`` holds."""
+           force: bool = False, hub_model: str | None = None) -> dict:
+    """Do the export (see the module docstring); returns what ``export.json`` holds.
+    ``checkpoint``: a ``.pt`` file or ``model.safetensors`` + ``config.json`` (their folder or
+    either file). ``hub_model``: the model repository the Space's README links to."""
     checkpoint, out = Path(checkpoint), Path(out)
     if int8 and fp16:
         raise ExportError('--int8 and --fp16 exclude each other (int8 stores its weights in 8 bits)')
-    ckpt = slim_checkpoint(load_checkpoint(checkpoint), fp16=fp16)
+    ckpt = slim_checkpoint(load_model_file(checkpoint), fp16=fp16)
+    model_from_checkpoint(ckpt, what=str(checkpoint))  # weights that fit their metadata, before any work
     if data_dir is None:  # the converted dataset with the model's classes
         data_dir = next(iter(data_folders(ckpt)), None) or ROOT / 'data_beton'
     if int8:  # its data, before anything is built
@@ -314,7 +324,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
             log(f'model.onnx (int8): {(stage / "model.onnx").stat().st_size / 2**20:.1f} MiB, {check.line()}')
         if space:
             backend = 'onnx' if onnx else 'torch'
-            _stage_space(stage, ckpt, backend, [p for p in images if isinstance(p, Path)][:12])
+            _stage_space(stage, ckpt, backend, [p for p in images if isinstance(p, Path)][:12], hub_model)
             log(f'Space folder ({backend} backend): run it with `cd {out} && python app.py`')
         manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*')
                                     if p.is_file()] + [MANIFEST])

@@ -50,6 +50,8 @@ class OnnxBackend:
     def __init__(self, path: str | os.PathLike, *, optimize: bool = True,
                  num_threads: int | None = None, **_ignored):
         path = Path(path)
+        if path.is_dir():  # a model repository or Space folder: the model.onnx in it
+            path = path / 'model.onnx'
         if not path.is_file():
             raise ModelFileError(f'{path}: no such model file')
         try:
@@ -64,12 +66,16 @@ class OnnxBackend:
             raise ModelFileError(f'{path}: an ONNX model without this project\'s metadata (class '
                                  f'names, normalization); export one with {EXPORT_HINT}')
         self.meta = ModelMeta.from_json(meta_json, str(path))
-        self.meta.check(str(path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 3:
             raise ModelFileError(f'{path}: expected one N x 3 x H x W input, found '
                                  f'{[(i.name, i.shape) for i in inputs]}')
         self._input, self._output = inputs[0].name, outputs[0].name
+        classes = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(classes, int) and classes != len(self.meta.class_names):  # e.g. metadata of another model
+            raise ModelFileError(f'{path}: {len(self.meta.class_names)} class names for a {classes}-class model '
+                                 f'(tensor {outputs[0].name} is {" x ".join(map(str, outputs[0].shape))})')
+        self.meta.check(str(path))
         self.description = f'ONNX Runtime {ort.__version__}'
         size = self.meta.image_size
         self.logits(np.zeros((1, 3, size, size), np.float32))  # warm-up: allocate, pick kernels

@@ -1,14 +1,15 @@
 """Images in, classes out (of whatever dataset the model was trained on: its file says which),
-with either backend: PyTorch (a training or exported checkpoint, ``.pt``) or ONNX Runtime
-(``model.onnx`` from ``scripts/export.py --onnx``).
+with either backend: PyTorch (a training or exported checkpoint, ``.pt``, or
+``model.safetensors`` + ``config.json`` from ``scripts/export.py --hub-model``: their folder or
+either file) or ONNX Runtime (``model.onnx`` from ``scripts/export.py --onnx``).
 
     from app.predictor import Predictor
     p = Predictor('runs/rn18/best.pt')          # or 'export/model.onnx' (no torch needed)
     p.predict('cat.jpg', topk=5)                # -> Prediction(classes=[('tiger', 0.41), ...], ...)
     p.predict_batch([img1, img2])               # paths, PIL images or numpy arrays, any size/mode
 
-The backend follows the file (``.onnx`` -> ONNX Runtime, else torch) unless ``backend=`` says
-otherwise; preprocessing (``app.images``), softmax, top-k and the superclass are the same code
+The backend follows the file (``.onnx``, or a folder with only ``model.onnx`` -> ONNX Runtime,
+else torch) unless ``backend=`` says otherwise; preprocessing (``app.images``), softmax, top-k and the superclass are the same code
 for both. This module and ``app.images`` import neither torch nor onnxruntime: each backend is
 imported when a model of its kind is loaded, so a Space that ships ``model.onnx`` runs without
 torch installed.
@@ -41,7 +42,8 @@ NO_CHECKPOINT_MESSAGE = (
     f'No trained model found. Train one with `{TRAIN_COMMAND}` (it writes runs/<name>/best.pt), '
     f'or point to a checkpoint with --checkpoint PATH or the MODEL_PATH environment variable.')
 BACKENDS = ('torch', 'onnx')
-SHIPPED_MODELS = ('model.onnx', 'model.pt')  # what an exported Space folder holds beside app.py
+# what an exported Space folder holds beside app.py (model.safetensors: a model repository's files)
+SHIPPED_MODELS = ('model.onnx', 'model.safetensors', 'model.pt')
 
 HERE = Path(__file__).resolve().parent  # app/ (or the Space folder)
 
@@ -51,10 +53,13 @@ __all__ = ['Predictor', 'Prediction', 'ImageError', 'ModelFileError', 'prepare_i
 
 
 def backend_for(path: str | os.PathLike, backend: str | None = None) -> str:
-    """``backend`` if given, else by the file name: ``.onnx`` -> 'onnx', anything else -> 'torch'."""
+    """``backend`` if given, else by the file name: ``.onnx`` (or a folder holding ``model.onnx``
+    and no ``model.safetensors``) -> 'onnx', anything else -> 'torch'."""
     if backend not in (None, *BACKENDS):
         raise ValueError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
-    return backend or ('onnx' if Path(path).suffix.lower() == '.onnx' else 'torch')
+    path = Path(path)
+    onnx_folder = path.is_dir() and (path / 'model.onnx').is_file() and not (path / 'model.safetensors').exists()
+    return backend or ('onnx' if path.suffix.lower() == '.onnx' or onnx_folder else 'torch')
 
 
 def load_backend(model_file: str | os.PathLike | dict, backend: str | None = None, **options):
@@ -115,8 +120,10 @@ class Prediction:
 class Predictor:
     """A model ready to classify images; thread-safe (one forward pass at a time).
 
-    ``model_file``: a checkpoint (``.pt``, training or exported), an ``.onnx`` model, or a
-    loaded checkpoint dict; a bad one raises :class:`ModelFileError` (a ``ValueError``).
+    ``model_file``: a checkpoint (``.pt``, training or exported), ``model.safetensors`` +
+    ``config.json`` (their folder or either file), an ``.onnx`` model, or a loaded checkpoint
+    dict; a bad one, or one whose weights do not fit what its metadata says, raises
+    :class:`ModelFileError` (a ``ValueError``) naming the file.
     ``backend``: 'torch' or 'onnx' (default: by the file name, see :func:`backend_for`).
     ``optimize``: torch: fold BatchNorm into the convs; onnx: ORT's graph optimizations.
     ``compile_model``: torch only: ``torch.compile`` for single images.
@@ -220,8 +227,8 @@ def resolve_checkpoint(explicit: str | os.PathLike | None = None, *, env: dict |
                        root: str | os.PathLike | None = None,
                        shipped_dir: str | os.PathLike | None = None) -> Path | None:
     """Which model to serve: ``explicit`` (``--checkpoint``), else ``$MODEL_PATH``, else a model
-    shipped beside this file (``model.onnx``, then ``model.pt``: what ``scripts/export.py
-    --space`` puts in a Space folder), else the newest ``runs/*/best.pt`` under ``root`` (the
+    shipped beside this file (``model.onnx``, ``model.safetensors``, then ``model.pt``: what
+    ``scripts/export.py --space`` or ``--hub-model`` writes), else the newest ``runs/*/best.pt`` under ``root`` (the
     repository: ``model.checkpoint.latest_run_checkpoint``); ``None`` if there is none."""
     if explicit:
         return Path(explicit)

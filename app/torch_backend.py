@@ -1,4 +1,5 @@
-"""The PyTorch backend of ``app.predictor``: a training or exported checkpoint (``.pt``), served
+"""The PyTorch backend of ``app.predictor``: a training or exported checkpoint (``.pt``) or a model
+repository's ``model.safetensors`` + ``config.json`` (``model.modelfile``), served
 with every BatchNorm folded into the conv before it (``torch.fx`` ``fuse``; logits match the
 plain model to ~1e-6) under ``torch.inference_mode``, channels-last; ``compile_model=True``
 adds ``torch.compile`` with frozen weights. Measured on the 2-core Xeon (Sapphire Rapids, KVM),
@@ -19,7 +20,8 @@ import warnings
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from model.checkpoint import CheckpointError, model_from_checkpoint
+from model.modelfile import load_model_file
 from model.resnet import count_parameters
 
 try:
@@ -62,7 +64,8 @@ def compile_for_cpu(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.M
 
 
 class TorchBackend:
-    """``checkpoint``: a path (validated by ``model.checkpoint.load_checkpoint``) or a loaded
+    """``checkpoint``: a path (a ``.pt`` checkpoint, or ``model.safetensors`` + ``config.json``:
+    their folder or either file; validated by ``model.modelfile.load_model_file``) or a loaded
     checkpoint dict. ``optimize``: fold BatchNorm (default). ``compile_model``: also compile for
     single images; other batch sizes use the eager model, so nothing recompiles.
     ``num_threads``: ``torch.set_num_threads`` (process-wide); default: torch's (all cores)."""
@@ -70,15 +73,16 @@ class TorchBackend:
 
     def __init__(self, checkpoint: str | os.PathLike | dict, *, optimize: bool = True,
                  compile_model: bool = False, num_threads: int | None = None):
+        what = 'checkpoint' if isinstance(checkpoint, dict) else str(checkpoint)
         try:
-            ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-            plain = model_from_checkpoint(ckpt, channels_last=True)
+            ckpt = checkpoint if isinstance(checkpoint, dict) else load_model_file(checkpoint)
+            plain = model_from_checkpoint(ckpt, channels_last=True, what=what)
         except CheckpointError as e:
             raise ModelFileError(str(e)) from None
         if num_threads:
             torch.set_num_threads(num_threads)
         self.meta = ModelMeta.from_checkpoint(ckpt, count_parameters(plain))
-        self.meta.check(str(checkpoint) if not isinstance(checkpoint, dict) else 'checkpoint')
+        self.meta.check(what)
         self.model = fold_batchnorm(plain) if optimize else plain
         example = torch.zeros(1, 3, self.meta.image_size, self.meta.image_size
                               ).contiguous(memory_format=torch.channels_last)

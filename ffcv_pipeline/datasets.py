@@ -66,6 +66,7 @@ class Dataset:
     superclass_names: tuple[str, ...] | None = None  # optional label hierarchy
     superclass_of: tuple[int, ...] | None = None  # superclass_of[class] -> superclass index
     split_sizes: Mapping[str, int] | None = None  # where fixed by the dataset (the official split)
+    hub_id: str | None = None  # the dataset's id on the Hugging Face Hub (a published model card names it)
     download: Download | None = field(default=None, compare=False)  # how to fetch it, or None
     layout: PickleLayout | None = field(default=None, compare=False)  # how its archive is read
 
@@ -100,7 +101,8 @@ class Dataset:
                      image_size=int(d['image_size']),
                      mean=tuple(float(m) for m in d['mean']), std=tuple(float(s) for s in d['std']),
                      superclass_names=_tuple_or_none(d.get('superclass_names'), str),
-                     superclass_of=_tuple_or_none(d.get('superclass_of'), int))
+                     superclass_of=_tuple_or_none(d.get('superclass_of'), int),
+                     hub_id=d.get('hub_id'))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f'{what}: not a dataset description ({type(e).__name__}: {e})') from None
         ds.check(what)
@@ -176,7 +178,7 @@ CIFAR100 = Dataset(
         15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4,
         17, 4, 2, 0, 17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13,
         15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13),
-    split_sizes={'train': 50_000, 'test': 10_000},
+    split_sizes={'train': 50_000, 'test': 10_000}, hub_id='uoft-cs/cifar100',
     download=Download('https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
                       'eb9058c3a382ffc7106e4002c42a8d85'),
     layout=PickleLayout(folder='cifar-100-python', train=('train',), test=('test',), meta='meta',
@@ -189,7 +191,7 @@ CIFAR10 = Dataset(
     mean=(125.307, 122.950, 113.865), std=(62.993, 62.089, 66.705),
     class_names=('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                  'truck'),
-    split_sizes={'train': 50_000, 'test': 10_000},
+    split_sizes={'train': 50_000, 'test': 10_000}, hub_id='uoft-cs/cifar10',
     download=Download('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
                       'c58f30108f718f92721af3b95e74349a'),
     layout=PickleLayout(folder='cifar-10-batches-py',

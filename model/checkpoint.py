@@ -80,6 +80,13 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu') -> dict:
     except Exception as e:
         raise CheckpointError(f'{path}: not a readable checkpoint ({type(e).__name__}); '
                               f'expected a file written by scripts/train.py') from None
+    check_format(ckpt, path)
+    return ckpt
+
+
+def check_format(ckpt, path: str | os.PathLike) -> None:
+    """That ``ckpt`` is one of our checkpoints, of a version this code reads, with the keys the
+    predictor needs and a known architecture; :class:`CheckpointError` naming ``path`` otherwise."""
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise CheckpointError(f'{path}: not a {FORMAT} file (train one with '
                               f'`python scripts/train.py --config rn18.yaml`)')
@@ -92,17 +99,45 @@ def load_checkpoint(path: str | os.PathLike, map_location='cpu') -> dict:
     arch = ckpt['model_config'].get('arch')
     if arch not in ARCHS:
         raise CheckpointError(f'{path}: unknown architecture {arch!r} (known: {sorted(ARCHS)})')
-    return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, *, channels_last: bool = True) -> torch.nn.Module:
-    """The checkpoint's model with its weights, in eval mode, on the CPU."""
+def _shape(t) -> str:
+    return ' x '.join(map(str, t.shape)) or 'a scalar'
+
+
+def weights_mismatch(expected: dict, found: dict) -> str | None:
+    """The first tensor where ``found`` (a file's weights) differs from ``expected`` (the
+    state_dict of the model its metadata describes), in the model's order; None if they fit."""
+    for name, want in expected.items():
+        if name not in found:
+            return f'tensor {name} ({_shape(want)}) is missing from the file'
+        if tuple(found[name].shape) != tuple(want.shape):
+            return f'tensor {name} is {_shape(found[name])} in the file, {_shape(want)} in that model'
+    extra = next((k for k in found if k not in expected), None)
+    return None if extra is None else f'tensor {extra} ({_shape(found[extra])}) in the file is not part of that model'
+
+
+def model_from_checkpoint(ckpt: dict, *, channels_last: bool = True, what: str = 'checkpoint') -> torch.nn.Module:
+    """The checkpoint's model with its weights, in eval mode, on the CPU. Weights that do not fit
+    what the metadata says the model is (another width or architecture, a head of another size),
+    or class names of another count than the head's outputs: :class:`CheckpointError` naming
+    ``what`` (the file) and the first mismatching tensor, in one line."""
     cfg = ckpt['model_config']
     model = build_model({**cfg, 'channels_last': channels_last})
+    described = ', '.join(f'{k} {v}' for k, v in cfg.items() if k != 'channels_last' and v is not None)
+    expected = model.state_dict()
+    problem = weights_mismatch(expected, ckpt['model'])
+    if problem:
+        raise CheckpointError(f'{what}: weights do not fit the model its metadata describes ({described}): {problem}')
+    head = next((k for k, v in reversed(expected.items()) if v.dim() == 2), None)  # the last linear layer
+    names = ckpt.get('class_names')
+    if head is not None and names is not None and len(names) != expected[head].shape[0]:
+        raise CheckpointError(f'{what}: {len(names)} class names for a {expected[head].shape[0]}-class model '
+                              f'(tensor {head} is {_shape(expected[head])})')
     try:
         model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise CheckpointError(f'checkpoint weights do not fit {cfg}: {str(e).splitlines()[0]}') from None
+    except RuntimeError as e:  # shapes and names fit (checked above): a dtype torch cannot copy
+        raise CheckpointError(f'{what}: weights do not load ({str(e).strip().splitlines()[-1]})') from None
     return model.eval()
 
 

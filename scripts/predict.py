@@ -2,6 +2,7 @@
 
     python scripts/predict.py cat.jpg dog.png --checkpoint runs/rn18/best.pt --topk 5
     python scripts/predict.py cat.jpg --checkpoint export/model.onnx     # ONNX Runtime, no torch
+    python scripts/predict.py cat.jpg --checkpoint model-repo/           # model.safetensors + config.json
     python scripts/predict.py cat.jpg --json                             # machine-readable
     python scripts/predict.py cat.png --benchmark 200 [--compile]        # in-process latency
 
@@ -30,7 +31,8 @@ from app.predictor import (BACKENDS, NO_CHECKPOINT_MESSAGE, ImageError, ModelFil
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('images', nargs='+', metavar='IMG', help='image files (any format Pillow reads)')
-    ap.add_argument('--checkpoint', help='checkpoint (.pt) or exported model (.onnx); default: '
+    ap.add_argument('--checkpoint', help='checkpoint (.pt), exported model (.onnx), or model.safetensors + '
+                                         'config.json (their folder or either file); default: '
                                          '$MODEL_PATH, else the newest runs/*/best.pt')
     ap.add_argument('--backend', choices=BACKENDS,
                     help='torch or onnx (default: by the file name, .onnx -> onnx)')

@@ -95,8 +95,11 @@ def test_fp16_onnx_space_halves_the_files_and_runs_without_torch(training_ckpt, 
     code, stdout, err = run_main('export', training_ckpt, '--out', space, '--onnx', '--space', '--fp16')
     assert code == 0, err
     names = sorted(p.name for p in space.iterdir())
-    # the gallery comes from data_beton/examples (the converter writes it) when there is one
-    examples = sorted(p.name for p in (ROOT / 'data_beton' / 'examples').glob('*.png'))[:12]
+    # the gallery comes from the converted dataset with the model's classes, data_beton/<name>/examples
+    # (the converter writes it), when there is one
+    from app.export import model_example_dirs
+    found = [d for d in model_example_dirs(torch.load(training_ckpt, weights_only=True)) if list(d.glob('*.png'))]
+    examples = sorted(p.name for p in found[0].glob('*.png'))[:12] if found else []
     assert names == sorted(['README.md', 'app.py', 'export.json', 'images.py', 'model', 'model.onnx',
                             'modelmeta.py', 'onnx_backend.py', 'predictor.py',
                             'requirements.txt'] + (['examples'] if examples else []))

@@ -1,7 +1,11 @@
 """Set-up files agree with each other: environment.yml pins == requirements*.txt pins, and
 the ffcv pin is the same everywhere it is named."""
+import os
 import re
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -40,3 +44,70 @@ def test_installed_versions_match_pins():
     for name in ('torch', 'torchvision', 'numpy', 'numba', 'gradio'):
         assert version(name).split('+')[0] == pip_side[name], name
     assert version('ffcv') == '1.0.2'
+
+
+# --- the interpreter: a different PYTHON rebuilds the venv (issue 25) ------------------------------
+def pythons() -> dict[str, str]:
+    """One interpreter per Python 3.x version found here (PATH, pyenv's versions): {'3.11': path}."""
+    import glob
+    import shutil
+    found = {}
+    cands = [shutil.which(f'python3.{m}') for m in range(11, 16)]
+    cands += sorted(glob.glob(os.path.expanduser('~/.pyenv/versions/3.*/bin/python3')))
+    for c in filter(None, cands):
+        r = subprocess.run([c, '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip() >= '3.11':
+            found.setdefault(r.stdout.strip(), c)
+    return found
+
+
+def setup_offline(venv: Path, python: str | None) -> subprocess.CompletedProcess:
+    """scripts/setup.sh with nothing to install from (no index, no config, no local wheels): it gets
+    as far as choosing and (re)creating the venv, then its first install fails within seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('PIP_')}
+    env.update({'VENV': str(venv), 'WITH_FFCV': '0', 'PIP_NO_INDEX': '1', 'PIP_CONFIG_FILE': os.devnull})
+    env.pop('PYTHON', None)
+    if python:
+        env['PYTHON'] = python
+    return subprocess.run(['bash', 'scripts/setup.sh'], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def venv_version(venv: Path) -> str:
+    return subprocess.run([venv / 'bin' / 'python', '-c', 'import sys; print("%d.%d" % sys.version_info[:2])'],
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope='module')
+def two_pythons() -> tuple[tuple[str, str], tuple[str, str]]:
+    found = pythons()
+    if len(found) < 2:
+        pytest.skip(f'needs two Python versions >= 3.11, found {sorted(found)}')
+    (va, a), (vb, b) = sorted(found.items())[:2]
+    return (va, a), (vb, b)
+
+
+def test_another_python_rebuilds_the_venv_saying_so(two_pythons, tmp_path):
+    """A venv of Python A, PYTHON naming Python B: set-up says it rebuilds, and the venv is then
+    B's (before this, the stamp ignored the interpreter: "already set up", A's venv kept). Without
+    PYTHON, or with A again, the venv keeps its interpreter. A folder that is no venv is never
+    removed. Catches: a stamp without the version, a rebuild that is silent or never happens, an
+    rm -rf of a folder set-up did not make."""
+    (va, a), (vb, b) = two_pythons
+    venv = tmp_path / 'venv'
+    subprocess.run([a, '-m', 'venv', '--without-pip', venv], check=True)
+    for python in (None, a):  # the venv's own interpreter: no rebuild
+        r = setup_offline(venv, python)
+        assert 'rebuilding' not in r.stdout and venv_version(venv) == va, r.stdout + r.stderr
+    r = setup_offline(venv, b)
+    assert f'[setup] {venv} was built with Python {va}; PYTHON={b} is Python {vb}: rebuilding {venv}' \
+        in r.stdout.splitlines(), r.stdout + r.stderr
+    assert venv_version(venv) == vb and r.returncode != 0  # then the offline install fails, as meant
+    foreign = tmp_path / 'not-a-venv'
+    (foreign / 'bin').mkdir(parents=True)
+    (foreign / 'bin' / 'python').symlink_to(a)
+    (foreign / 'keep.txt').write_text('mine')
+    r = setup_offline(foreign, b)
+    assert r.returncode == 1 and f'{foreign} is Python {va}, not {vb}' in r.stderr
+    assert (foreign / 'keep.txt').read_text() == 'mine'
