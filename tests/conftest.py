@@ -8,8 +8,12 @@ import os
 # The tests' JIT-compiled FFCV pipelines run a few hundred images: numba's lowest optimization
 # level compiles them ~30% sooner and computes the same results (semantics do not depend on
 # it). Set before numba is imported; subprocesses inherit it. Benchmarks and `make check` run
-# outside pytest, at numba's default level.
+# outside pytest, at numba's default level. numba's disk cache does not tell the levels apart:
+# the tests keep their own (else a training run would load the tests' unoptimized kernels from
+# __pycache__: a flip 40x slower, measured), which persists between test runs.
+import tempfile  # noqa: E402
 os.environ.setdefault('NUMBA_OPT', '0')
+os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'cifar100-ffcv-tests-numba-{os.getuid()}'))
 
 import contextlib
 import importlib.util
