@@ -21,7 +21,6 @@ loaders, ``training.step.TrainStep`` for the step), from a training config:
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,16 +33,16 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ffcv_pipeline import ffcv_version
 from ffcv_pipeline.constants import CIFAR100_MEAN, CIFAR100_STD
 from ffcv_pipeline.data import build_data
 from model import build_model, use_channels_last
 from model.project import IMAGE_SIZE
 
-from .config import ROOT, load_config
-from .runtime import (dtype_name, resolve_device, resolve_precision, sync, usable_cores,
-                      workers_per_process)
-from .step import TrainStep, make_optimizer
+from training.config import ROOT, load_config
+from training.runtime import dtype_name, resolve_device, resolve_precision, sync, workers_per_process
+from training.step import TrainStep, make_optimizer
+
+from . import environment
 
 LOADERS = ('ffcv', 'torchvision', 'classic')
 
@@ -240,20 +239,6 @@ def bench_conversion(archive: Path) -> dict:
         m = json.loads((Path(tmp) / 'manifest.json').read_text())
     return {'seconds': round(dt, 3), 'images': sum(v['count'] for v in m['splits'].values()),
             'command': f'python scripts/write_datasets.py --source {archive} --out DIR --force --quiet'}
-
-
-def environment(dev: torch.device) -> dict:
-    from importlib.metadata import version
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return {'cpu': cpu, 'cores': usable_cores(), 'python': platform.python_version(),
-            'gpu': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else None,
-            'torch': str(torch.__version__), 'torchvision': version('torchvision'),
-            'ffcv': ffcv_version(), 'numba': version('numba'), 'numpy': version('numpy'),
-            'torch_threads': torch.get_num_threads(), 'date': time.strftime('%Y-%m-%d')}
 
 
 def run_benchmark(s: Settings, log=print, save: Callable[[dict], None] | None = None) -> dict:

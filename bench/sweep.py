@@ -22,7 +22,7 @@ the final stage needs is held back while the levers run):
    the summed gains -- clears the target by ``--margin``; ``--seeds`` seeds. Whether every seed
    reached the target is then measured, not predicted.
 
-Every run is :func:`training.speedrun.run_one` (``scripts/train.py`` in a fresh process, set-up
+Every run is :func:`bench.speedrun.run_one` (``scripts/train.py`` in a fresh process, set-up
 and JIT included); the result is written after every run (``sweep.json``: speedrun's format
 plus the stages and decisions), with a table and ``sweep.png`` (top-1 against wall-clock for
 every run) at the end, and with ``docs``, a copy named ``<date>-<gpu>-sweep.json`` for
@@ -39,9 +39,12 @@ from pathlib import Path
 
 from model.fileio import check_writable_dir
 
-from .config import ROOT, ConfigError, load_config
-from .metrics import read_jsonl
-from .speedrun import Plan, environment, format_table, label, plot, run_one, write_result
+from training.config import ROOT, ConfigError, load_config
+from training.metrics import read_jsonl
+from training.runtime import resolve_device
+
+from . import environment
+from .speedrun import Plan, format_table, label, plot, run_one, write_result
 
 # name -> overrides. Sources: ../shared/docs/SPEED_NOTES.md (airbench, cifar10-zoo ablations).
 LEVERS = {
@@ -163,7 +166,8 @@ def sweep(plan: SweepPlan, log=print) -> dict:
     # fills them, the measured run reads them, as a user's second run would
     os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', str(plan.out / 'inductor_cache'))
     result = {'config': plan.config, 'overrides': plan.overrides, 'target_top1': target,
-              'environment': environment(sp), 'conversion_s': None, 'budget_s': plan.budget_s,
+              'environment': environment(resolve_device(cfg.training.device)), 'conversion_s': None,
+              'budget_s': plan.budget_s,
               'plan': {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.__dict__.items()},
               'levers': LEVERS, 'speed_levers': SPEED_LEVERS, 'stopped_by_budget': False,
               'runs': [], 'warmup_runs': [], 'recipes': [], 'final': None}

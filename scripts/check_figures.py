@@ -66,7 +66,7 @@ def predictor_p50(data_dir: Path, tmp: Path, n: int) -> dict:
 
 
 def measure(args) -> dict:
-    from training.benchmark import Bench, Settings, bench_conversion
+    from bench.benchmark import Bench, Settings, bench_conversion
     overrides = [f'data.{k}_path={Path(args.data_dir) / v}' for k, v in
                  {'train': 'cifar100_train.beton', 'test': 'cifar100_test.beton'}.items()]
     b = Bench(Settings(config='rn18.yaml', overrides=overrides, device='cpu', epochs=args.epochs))
