@@ -48,12 +48,19 @@ from .speedrun import Plan, format_table, label, plot, run_one, write_result
 
 # name -> overrides. Sources: ../shared/docs/SPEED_NOTES.md (airbench, cifar10-zoo ablations).
 LEVERS = {
+    # issue 26 (first: never measured, and the record recipes' newest lever): Muon for the conv
+    # weights, SGD at training.lr for the head, BatchNorm and biases (airbench94_muon's split);
+    # muon_lr 0.02 / momentum 0.95 are Keller Jordan's defaults, not tuned for this ResNet
+    'muon': ['training.optimizer=muon'],
     'tta_translate': ['training.tta_translate=1'],  # airbench mirror_translate: +0.2 over flip (RN-18, CIFAR-10)
     'ema': ['training.ema=0.995'],  # window ~200 steps (~2 epochs at batch 512): see training/ema.py
     'label_smoothing_0.2': ['training.label_smoothing=0.2'],  # airbench's default
     'batch_1024': ['data.batch_size=1024', 'training.lr=0.8'],  # linear LR scaling (Goyal et al. 2017)
     'warmup_2': ['training.warmup_epochs=2'],
     'lr_0.5': ['training.lr=0.5'],  # FFCV's CIFAR example: 0.5 at batch 512
+    'onecycle': ['training.schedule=onecycle'],  # torch's OneCycleLR shape over the same warm-up
+    # AdamW's usual CIFAR ResNet settings (LR ~100x SGD's; decoupled decay 0.05): a guess to measure
+    'adamw': ['training.optimizer=adamw', 'training.lr=0.002', 'training.weight_decay=0.05'],
 }
 SPEED_LEVERS = {
     'fused_sgd': ['training.fused_sgd=true'],
@@ -142,6 +149,12 @@ def choose_final(result: dict, plan: SweepPlan, target: float) -> dict:
             speed.append(name)
     if 'cuda_graph' in speed and 'compile' in speed:  # the config refuses both: keep the faster
         speed.remove(max(('cuda_graph', 'compile'), key=lambda n: speed_s[n]))
+    accuracy = [o for n in chosen for o in LEVERS[n]]
+    for name in list(speed):  # e.g. the CUDA graph or the fused SGD with AdamW: refused, so left out
+        try:
+            load_config(plan.config, [*plan.overrides, *accuracy, *SPEED_LEVERS[name]])
+        except ConfigError:
+            speed.remove(name)
     recipe = [f'training.epochs={epochs}', *(o for n in chosen + speed for o in {**LEVERS, **SPEED_LEVERS}[n])]
     return {'accuracy_levers': chosen, 'speed_levers': speed, 'gains': gains, 'epochs': epochs,
             'predicted_top1': predicted, 'predicted_seconds': {'base@E': base_s, **speed_s},

@@ -201,7 +201,8 @@ def test_eager_training_steps_import_no_dynamo_and_match_plain_sgd():
 import sys, torch
 from model import build_model
 from training.config import load_config
-from training.step import TrainStep, make_optimizer
+from training.optim import make_optimizer
+from training.step import TrainStep
 cfg = load_config('tiny_cpu', ['model.width=8'])
 runs = []
 for eager in (True, False):

@@ -49,6 +49,7 @@ from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
+from .optim import hyperparameters
 
 # Test hook: seconds each checkpoint write sleeps with its temporary file open, before it writes,
 # so that a test can kill -9 a run while a background write is in flight (or see the training go
@@ -156,7 +157,10 @@ def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None) -> P
     model.load_state_dict(ckpt.get('raw_model', ckpt['model']))
     if ema is not None:
         ema.load_state_dict(ckpt.get('ema', {'updates': 0}), ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    settings = hyperparameters(optimizer)  # this run's config (a resume may change LR, decay, ...)
+    optimizer.load_state_dict(ckpt['optimizer'])  # momentum buffers, moments; and the old settings:
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if ckpt['scaler'] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'])

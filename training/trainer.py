@@ -39,7 +39,9 @@ from .metrics import EpochStats, summarize, write_json
 from .runtime import (configure_backends, device_name, dtype_name, resolve_device,
                       resolve_precision, seed_everything, sync, workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
-from .step import TrainStep, lr_schedule, make_optimizer
+from .optim import make_optimizer
+from .schedule import lr_scales
+from .step import TrainStep
 from .ema import EMA
 
 __all__ = ['Trainer', 'train', 'TrainingDiverged', 'TrainingInterrupted']
@@ -97,8 +99,7 @@ class Trainer:
         self.n_params = count_parameters(self.model)
         optimizer = make_optimizer(self.model, tc, eager=not (tc.compile or tc.cuda_graph))
         self.ema = EMA(self.model, tc.ema, every=tc.ema_every) if tc.ema else None  # evaluated, exported
-        self.lrs = lr_schedule(lr=tc.lr, epochs=tc.epochs, iters_per_epoch=len(self.data.train),
-                               warmup_epochs=tc.warmup_epochs, kind=tc.lr_schedule)
+        self.lr_scale = lr_scales(tc, len(self.data.train))  # x each group's peak LR, per step
         # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
         # evaluating through it would need the same number of batches on every rank.
         self.eval_net = torch.compile(self.model, mode=tc.compile_mode) if tc.compile else self.model
@@ -160,13 +161,13 @@ class Trainer:
         return self.finish(jit_s, setup_s)
 
     def train_epoch(self, epoch: int, stats: EpochStats) -> None:
-        """One optimizer step per batch; the LR schedule is an array indexed by step."""
+        """One optimizer step per batch; the LR schedule is an array of multipliers indexed by step."""
         self.train_step.net.train()
         bar = self._progress_bar(epoch)
         t0, wait0, first, n = time.perf_counter(), stats.wait_s, 0.0, 0
         try:
             for b, (x, y) in self.batches(epoch, stats):
-                loss, logits = self.train_step(x, y, self.lrs[self.step])
+                loss, logits = self.train_step(x, y, self.lr_scale[self.step])
                 self.step += 1
                 if self.ema:
                     self.ema.update(self.model, self.step)
@@ -236,8 +237,9 @@ class Trainer:
             raw_top1, _, raw_s, _ = self.evaluate(raw=True)
             self.budget.add('evaluation', raw_s)
         t_log = time.perf_counter()
-        record = report.epoch_record(epoch + 1, lr=float(self.lrs[self.step - 1]), totals=tot, top1=top1,
-                                     top5=top5, seconds=stats.seconds, wait_s=stats.wait_s, eval_s=eval_s,
+        lr = cfg.training.lr * float(self.lr_scale[self.step - 1])  # training.lr's groups, last step
+        record = report.epoch_record(epoch + 1, lr=lr, totals=tot, top1=top1, top5=top5,
+                                     seconds=stats.seconds, wait_s=stats.wait_s, eval_s=eval_s,
                                      test_images=n_test, wallclock_s=wallclock)
         if raw_top1 is not None:
             record['test_top1_raw'] = raw_top1
