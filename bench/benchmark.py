@@ -63,6 +63,7 @@ class Settings:
     compile: bool | None = None  # also time torch.compile's step; None = on a GPU
     compare_ops: bool = True
     archive: Path | None = None  # for the conversion timing; None skips it
+    ffcv_delay_s: float = 0.0  # a sleep per FFCV training batch: a deliberately slow loader (make check)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -116,8 +117,11 @@ class Bench:
     def data(self, loader: str, per_class: int, batch: int | None = None):
         cfg = self.config(f'data.loader={loader}', f'data.train_per_class={per_class}',
                           *([f'data.batch_size={batch}'] if batch else []))
-        return build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
+        data = build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
                           channels_last=use_channels_last(cfg.model, self.dev))
+        if loader == 'ffcv' and self.s.ffcv_delay_s:
+            data.train = _Slowed(data.train, self.s.ffcv_delay_s)
+        return data
 
     def loader(self, kind: str) -> dict:
         if kind == 'classic':
@@ -211,6 +215,24 @@ class Bench:
             out[name] = time_epochs(loader.epoch, self.s.epochs, cpu)['images_per_s_median']
         out['speedup'] = round(out['ours'] / out['ffcv_builtin'], 2)
         return out
+
+
+@dataclass
+class _Slowed:
+    """A training loader that sleeps ``delay_s`` before handing over each batch."""
+    loader: object
+    delay_s: float
+
+    def epoch(self, epoch: int):
+        for batch in self.loader.epoch(epoch):
+            time.sleep(self.delay_s)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 class _PilDataset(torch.utils.data.Dataset):

@@ -30,3 +30,17 @@ def test_the_product_never_imports_the_lab():
         {p.name for p in (ROOT / 'training').glob('*.py')}
     lab = set().union(*(imported_modules(p) for p in (ROOT / 'bench').glob('*.py')))
     assert {'training.config', 'ffcv_pipeline.data'} <= lab  # the lab measures the product itself
+
+
+def test_patches_of_other_packages_live_in_one_module_and_still_fit_torch():
+    """The torch patch (patch 6: no torch._dynamo import in an eager run) lives with the ffcv
+    ones, and what it relies on still holds in the installed torch (no ffcv needed). Catches a
+    torch upgrade that moves ``_disable_dynamo``'s cache or the optimizers' step wrappers, and the
+    patch (or the typed-dict one) written back outside ``ffcv_patches``."""
+    from ffcv_pipeline import ffcv_patches
+    assert ffcv_patches.check_torch() == []
+    for pkg in PRODUCT:
+        for p in (ROOT / pkg).rglob('*.py'):
+            if p.name != 'ffcv_patches.py':
+                text = p.read_text()
+                assert '__dynamo_disable' not in text and 'numba.typed.Dict =' not in text, p

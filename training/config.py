@@ -99,6 +99,7 @@ class OutputConfig:
     save_every: int = 0  # also keep epoch_NNN.pt every N epochs; 0 = only last.pt and best.pt
     progress: Optional[bool] = None  # progress bar: null = only on a terminal, true/on, false/off
     plot: bool = True  # curves.png at the end
+    tensorboard: bool = False  # TensorBoard event files in the run folder (training/sinks/tensorboard.py; imported only when on)
 
 
 @dataclass
@@ -307,7 +308,7 @@ RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
     'output.name': 'a resumed run continues in the folder of its checkpoint',
 }
 RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
-    'output.progress', 'output.plot', 'output.save_every', 'data.num_workers',
+    'output.progress', 'output.plot', 'output.save_every', 'output.tensorboard', 'data.num_workers',
     'data.batches_ahead', 'data.os_cache', 'data.test_batch_size', 'training.target_top1',
     'data.resident_test',  # the same test images and counts either way (tests/test_time_budget.py)
 )

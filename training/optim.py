@@ -22,18 +22,18 @@ optimizer), and whether it fuses (``training.fused_sgd``) and runs in a CUDA gra
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ffcv_pipeline.ffcv_patches import eager_optimizer
 from model.checkpoint import unwrap
 
 from .muon import Muon
 
-__all__ = ['OPTIMIZERS', 'register', 'make_optimizer', 'split_parameters', 'eager_optimizer']
+__all__ = ['OPTIMIZERS', 'register', 'make_optimizer', 'split_parameters']
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def muon(model, tc):
 def make_optimizer(model: nn.Module, tcfg, *, eager: bool = True) -> torch.optim.Optimizer:
     """``training.optimizer``'s optimizer over ``model``'s parameters, every group at LR 0
     until the step sets it (:class:`~training.step.TrainStep`). ``eager``: the model is not
-    compiled (:func:`eager_optimizer`)."""
+    compiled (``ffcv_patches.eager_optimizer``: no ``torch._dynamo`` import)."""
     cls, groups, kwargs = OPTIMIZERS[tcfg.optimizer].build(model, tcfg)
     return eager_optimizer(cls, groups, **kwargs) if eager else cls(groups, **kwargs)
 
@@ -119,59 +119,3 @@ def make_optimizer(model: nn.Module, tcfg, *, eager: bool = True) -> torch.optim
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Each group's settings (not its parameters): what a resumed run's config decides."""
     return [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
-
-
-# ---- no torch._dynamo in an eager run --------------------------------------------------------
-def _prefill_dynamo_disable(cls: type) -> None:
-    """Fill ``torch._compile._disable_dynamo``'s per-function cache with the function itself for
-    ``cls``'s methods and its module's functions, so that calling them imports nothing."""
-    import torch._compile
-    inner_code = torch._compile._disable_dynamo(lambda: None).__code__
-    seen = set()
-
-    def prefill(obj, depth=0):
-        if id(obj) in seen or depth > 3 or getattr(obj, '__code__', None) is None:
-            return
-        seen.add(id(obj))
-        cells = dict(zip(obj.__code__.co_freevars, obj.__closure__ or ()))
-        if obj.__code__ is inner_code:
-            fn = cells['fn'].cell_contents
-            if getattr(fn, '__dynamo_disable', None) is None:
-                setattr(fn, '__dynamo_disable', fn)
-            return
-        for cell in cells.values():  # e.g. the functional SGD's fallback wrapper
-            try:
-                prefill(cell.cell_contents, depth + 1)
-            except ValueError:  # an empty cell
-                pass
-    for c in cls.__mro__:  # the class's methods, and its modules' functional kernels (AdamW's
-        for obj in [*vars(c).values(), *vars(sys.modules[c.__module__]).values()]:  # are Adam's)
-            prefill(obj)
-
-
-def eager_optimizer(cls: type, *args, **kwargs) -> torch.optim.Optimizer:
-    """``cls(*args, **kwargs)`` that never imports ``torch._dynamo`` (0.9 s on our 2-core machine).
-
-    torch.optim imports ``torch._dynamo`` at the first call of its methods only to tell the
-    compiler what not to trace: ``step`` runs through ``_use_grad_for_differentiable`` (imports
-    it on every call, for two ``graph_break()``s, no-ops in eager mode), and ``zero_grad``,
-    ``add_param_group`` (called by the constructor) and the functional SGD kernels through
-    ``torch._compile._disable_dynamo``, which caches ``torch._dynamo.disable(fn)`` as
-    ``fn.__dynamo_disable``. Nothing is traced in an eager run, so those caches hold the functions
-    themselves, and this optimizer's ``step`` is the undecorated one under ``torch.no_grad()``
-    (what the decorator does, less the graph breaks and the profiler-hook wrapper). Written
-    against torch 2.11-2.14; tests/test_training.py checks that training steps import no
-    ``torch._dynamo`` (it fails loudly if torch changes this). Not for ``training.compile``."""
-    if 'torch._dynamo' in sys.modules:  # imported anyway (compile, or the caller): no gain
-        return cls(*args, **kwargs)
-    _prefill_dynamo_disable(cls)
-    optimizer = cls(*args, **kwargs)
-    raw = cls.step
-    while hasattr(raw, '__wrapped__'):  # profile-hook wrapper -> _use_grad -> SGD.step
-        raw = raw.__wrapped__
-
-    def step(closure=None):
-        with torch.no_grad():
-            return raw(optimizer, closure)
-    optimizer.step = step  # an instance attribute: GradScaler.step calls it too
-    return optimizer

@@ -48,6 +48,12 @@ class TrainStep:
         loss, logits = self._step(x, y)
         return loss.detach(), logits.detach()
 
+    def lrs(self, scale: float) -> dict[str, float]:
+        """Each parameter group's LR as the last step ran it, read from the optimizer (a CUDA
+        graph's are device tensors: their host values instead, no sync)."""
+        return {f'lr/{g["name"]}': g['lr'] if isinstance(g['lr'], float) else g['peak_lr'] * float(scale)
+                for g in self.optimizer.param_groups}
+
     def _step(self, x, y, cache_enabled: bool = True):
         with autocast(self.device, self.dtype, cache_enabled=cache_enabled):
             logits = self.net(x)
