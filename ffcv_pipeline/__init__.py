@@ -10,34 +10,18 @@ __all__ = ['ffcv_import_error', 'ffcv_version', 'load_ffcv']
 
 
 def load_ffcv() -> None:
-    """Import ffcv (written against ffcv 1.0.2) ~2.5 s sooner than a plain ``import ffcv``.
-
-    ``ffcv/fields/rgb_image.py`` builds ``IMAGE_MODES = numba.typed.Dict()`` at import, which
-    compiles numba's typed-dict machinery: 2.3-2.8 s on our 2-core machine, in every process that
-    imports ffcv (ffcv's own modules all import it). The table maps 'jpg'/'raw' to 0/1 and is only
-    read from Python (``generate_code`` captures the ints; ``encode`` runs in Python), so a plain
-    dict behaves the same: ``numba.typed.Dict`` is ``dict`` for the duration of that one import.
-    Every module of ours that imports ffcv calls this first; tests/test_loaders.py checks the
-    assumption (a plain dict with those two entries, numba's Dict restored). It also applies
-    patch 5 of ``ffcv_patches`` (ffcv leaves torch's thread count alone)."""
+    """Import ffcv (written against ffcv 1.0.2) as this project needs it: seconds sooner than a
+    plain ``import ffcv`` (patch 0 of ``ffcv_patches``: no numba typed-dict compilation at
+    import), and leaving torch's thread count alone (patch 5). Every module of ours that imports
+    ffcv calls this first."""
     import sys
     import torch
+    from .ffcv_patches import import_ffcv_without_typed_dict, keep_torch_threads
     # ffcv's import sets torch's thread count to 1 (ffcv_patches, patch 5): what it is now is
     # torch's own count, unless ffcv was imported before (then it is not known, and left alone)
     torch_threads = None if 'ffcv.pipeline.compiler' in sys.modules else torch.get_num_threads()
-    if 'ffcv.fields.rgb_image' not in sys.modules:
-        import numba.typed
-        saved = vars(numba.typed).get('Dict')  # numba loads its Dict lazily: maybe not yet there
-        numba.typed.Dict = dict
-        try:
-            import ffcv.fields.rgb_image  # noqa: F401
-        finally:
-            if saved is None:
-                del numba.typed.Dict
-            else:
-                numba.typed.Dict = saved
+    import_ffcv_without_typed_dict()
     import ffcv.loader  # noqa: F401
-    from .ffcv_patches import keep_torch_threads
     keep_torch_threads(torch_threads)
 
 

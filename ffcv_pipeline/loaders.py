@@ -11,9 +11,7 @@ autocast handles bf16).
 """
 from __future__ import annotations
 
-import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,18 +98,12 @@ def test_pipeline(*, device: torch.device, dtype: torch.dtype, mean, std,
 apply_loader_patches()  # FFCV's loading thread, repaired for early exits (ffcv_patches.py)
 
 
-# Test hook for the acceptance checks (scripts/check_figures.py): a sleep per training batch, so
-# that a deliberately slow loader can be shown to fail them. Unset, it costs nothing.
-DELAY_ENV = 'CIFAR_LOADER_DELAY_MS'
-
-
 @dataclass
 class CifarLoader:
     """An FFCV ``Loader`` whose order *and* augmentation are a function of the epoch number,
     so a resumed run sees exactly the batches an uninterrupted one would."""
     loader: Loader
     state: AugmentationState | None = None
-    delay_s: float = 0.0
 
     def epoch(self, epoch: int):
         """The batches of ``epoch``. Closing the generator early (``break``, an exception) stops
@@ -122,9 +114,7 @@ class CifarLoader:
             self.state.set_epoch(epoch)
         it = iter(self.loader)
         try:
-            for batch in it:
-                if self.delay_s:
-                    time.sleep(self.delay_s)
+            for batch in it:  # not `yield from`: closing would close FFCV's thread twice
                 yield batch
         finally:
             it.close()
@@ -167,5 +157,4 @@ def make_loader(path: str, *, batch_size: int, num_workers: int, order: str, os_
         # FFCV does not check: it would read out of bounds (a segfault, not an error)
         raise ValueError(f'{path}: sample indices must lie in [0, {n - 1}]')
     stable_quasi_random(loader)  # the same order for epoch e, whatever came before (ffcv_patches.py)
-    delay_ms = float(os.environ.get(DELAY_ENV) or 0)
-    return CifarLoader(loader, state, delay_ms / 1000 if state is not None else 0.0)
+    return CifarLoader(loader, state)

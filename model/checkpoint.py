@@ -51,15 +51,10 @@ class CheckpointError(UserError, ValueError):
     """The file is missing, unreadable, or not one of our checkpoints; one clear line."""
 
 
-def atomic_save(obj, path: str | os.PathLike, *, before_write=None) -> None:
+def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` atomically (see :func:`model.fileio.atomic_write`): readers never see a
-    half-written checkpoint, a crash or a full disk mid-write keeps the previous one.
-    ``before_write``: called once the temporary file exists, before the first byte (a test hook)."""
-    def write(f):
-        if before_write is not None:
-            before_write()
-        torch.save(obj, f)
-    atomic_write(path, write)
+    half-written checkpoint, a crash or a full disk mid-write keeps the previous one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def latest_run_checkpoint(root: str | os.PathLike, name: str = 'best.pt') -> Path | None:

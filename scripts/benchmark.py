@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from model.fileio import atomic_write_text, check_writable_dir
-    from training.benchmark import LOADERS, Settings, run_benchmark
-    from training.benchmark_report import format_table, plot
+    from bench.benchmark import LOADERS, Settings, run_benchmark
+    from bench.benchmark_report import format_table, plot
     loaders = tuple(k.strip() for k in args.loaders.split(',') if k.strip())
     if not loaders or set(loaders) - set(LOADERS):
         raise UserError(f'--loaders: {args.loaders!r}; choose from {list(LOADERS)}')

@@ -1,5 +1,5 @@
 """Issue 17's sweep in one call: today's recipe, each lever once, the best combination at the
-fewest epochs on three seeds, within a time budget (logic: training/sweep.py).
+fewest epochs on three seeds, within a time budget (logic: bench/sweep.py).
 
     python scripts/gpu_sweep.py --config rn18.yaml --budget-s 480 --out sweep_out --docs
     # on the offline GPU host, after the runbook's conversion (../shared/gpu/README.md):
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import json
     from model.fileio import atomic_write_text
     from training.config import parse_overrides
-    from training.sweep import SweepPlan, docs_name, format_sweep, sweep
+    from bench.sweep import SweepPlan, docs_name, format_sweep, sweep
     plan = SweepPlan(config=args.config, overrides=parse_overrides(rest), lever_epochs=args.lever_epochs,
                      speed_epochs=args.speed_epochs, final_epochs=finals, seeds=args.seeds,
                      min_gain=args.min_gain, margin=args.margin, budget_s=args.budget_s,

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         raise UserError(f'--runs must be at least 1, got {args.runs}')
 
     from training.config import parse_overrides
-    from training.speedrun import Plan, format_table, parse_sweep, speedrun
+    from bench.speedrun import Plan, format_table, parse_sweep, speedrun
     plan = Plan(config=args.config, overrides=parse_overrides(rest), sweep=parse_sweep(args.sweep),
                 runs=args.runs, seed=args.seed, budget_s=args.budget_s, out=Path(args.out).resolve())
     result = speedrun(plan)

@@ -232,19 +232,24 @@ def test_ema_run_evaluates_checkpoints_and_exports_the_average(synthetic_betons,
 
 
 # ---- 17.5: the step ---------------------------------------------------------------------------
-def _train_steps(tcfg_overrides: list[str], steps=4, compile_=False):
+def _train_steps(tcfg_overrides: list[str], steps=4, compile_=False, plain_loop=False):
     """A width-8 ResNet-18 trained ``steps`` steps on fixed random batches through TrainStep;
-    returns (losses, final state_dict)."""
+    returns (losses, final state_dict, optimizer). ``plain_loop``: torch's SGD over the same
+    groups with its reference for-loop implementation (foreach=False)."""
     from model import build_model
     from training.config import load_config
-    from training.step import TrainStep, lr_schedule, make_optimizer
-    cfg = load_config('tiny_cpu', tcfg_overrides)
+    from training.optim import make_optimizer
+    from training.schedule import scales
+    from training.step import TrainStep
+    cfg = load_config('tiny_cpu', ['training.lr=0.2', *tcfg_overrides])
     torch.manual_seed(0)
     model = build_model({'arch': 'resnet18', 'num_classes': 10, 'width': 8})
     opt = make_optimizer(model, cfg.training)
+    if plain_loop:
+        opt = torch.optim.SGD([{**g, 'foreach': False} for g in opt.param_groups], lr=0.0)
     net = torch.compile(model) if compile_ else model
     step = TrainStep(net, opt, device=torch.device('cpu'), dtype=torch.float32, label_smoothing=0.1)
-    lrs = lr_schedule(lr=0.2, epochs=1, iters_per_epoch=steps, warmup_epochs=0.5, kind='linear')
+    lrs = scales('linear', total=steps, warmup=steps // 2)
     g = torch.Generator().manual_seed(1)
     losses = []
     for i in range(steps):
@@ -262,13 +267,8 @@ def test_fused_sgd_matches_the_foreach_and_plain_loops():
     fused_l, fused_w, fused_opt = _train_steps(['training.fused_sgd=true'])
     fe_l, fe_w, fe_opt = _train_steps([])
     assert fused_opt.defaults['fused'] and not fe_opt.defaults['fused'] and fe_opt.defaults['foreach']
-    from training import step as S
-    real = S.torch.optim.SGD
-    try:  # torch's reference for-loop implementation
-        S.torch.optim.SGD = lambda params, **kw: real(params, **{**kw, 'foreach': False})
-        loop_l, loop_w, _ = _train_steps([])
-    finally:
-        S.torch.optim.SGD = real
+    loop_l, loop_w, loop_opt = _train_steps([], plain_loop=True)  # torch's reference for-loop
+    assert not any(g['foreach'] or g['fused'] for g in loop_opt.param_groups)
     for l, w in ((fused_l, fused_w), (loop_l, loop_w)):
         assert l == pytest.approx(fe_l, rel=1e-5)
         for k in fe_w:
@@ -289,8 +289,9 @@ def test_cuda_graph_warm_up_is_undone_and_the_tensor_lr_trains_like_the_float_on
     into training (BatchNorm statistics, momentum) and a tensor LR that is not read."""
     from model import build_model
     from training.config import load_config
-    from training.step import TrainStep, make_optimizer
-    tc = load_config('tiny_cpu', ['training.fused_sgd=true']).training
+    from training.optim import make_optimizer
+    from training.step import TrainStep
+    tc = load_config('tiny_cpu', ['training.fused_sgd=true', 'training.lr=0.1']).training
     cpu = torch.device('cpu')
 
     def fresh():
@@ -300,7 +301,7 @@ def test_cuda_graph_warm_up_is_undone_and_the_tensor_lr_trains_like_the_float_on
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
     ref_model, ref = fresh()
-    ref_losses = [ref(x, y, 0.1)[0] for x, y in batches]
+    ref_losses = [ref(x, y, 1.0)[0] for x, y in batches]  # the peak LR, 0.1
     model, step = fresh()
     step.cuda_graph = True  # static gradients, as under capture (the capture itself needs CUDA)
     step.lr_t = torch.zeros(())

@@ -53,7 +53,7 @@ def test_the_trainers_step_smooths_labels_clips_and_decays_only_weights(syntheti
         with torch.no_grad():
             want = {n: p - lr * (p.grad + (wd * p if p.dim() >= 2 else 0.0))
                     for n, p in ref.named_parameters()}
-        got, _ = t.train_step(x, y, lr)
+        got, _ = t.train_step(x, y, lr / t.cfg.training.lr)  # the schedule's multiplier
         assert float(got) == pytest.approx(float(loss.detach()), rel=1e-5)
         for n, p in t.model.named_parameters():
             torch.testing.assert_close(p.detach(), want[n], rtol=1e-4, atol=1e-6, msg=n)

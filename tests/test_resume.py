@@ -241,7 +241,7 @@ def test_grad_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     that drops the scaler state (the scale would restart at 65536)."""
     from training.config import load_config
     from training.state import Position, restore, training_checkpoint
-    from training.step import make_optimizer
+    from training.optim import make_optimizer
     cfg = load_config('tiny_cpu', ['model.width=8'])
     model = torch.nn.Linear(4, 2)
     opt = make_optimizer(model, cfg.training)

@@ -72,7 +72,7 @@ def test_budget_stops_before_a_run_that_would_not_fit(tmp_path, monkeypatch):
     started only while the time used plus the median run so far fits the budget; the table and
     speedrun.json still cover what finished. Catches a budget that is ignored, or checked
     against the time used alone (it would start a run that cannot finish in time)."""
-    import training.speedrun as S
+    import bench.speedrun as S
     clock = {'t': 0.0}
     monkeypatch.setattr(S.time, 'perf_counter', lambda: clock['t'])
 

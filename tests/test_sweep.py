@@ -17,7 +17,7 @@ def test_sweep_rehearsal_runs_every_stage_with_its_lever(synthetic_betons, tmp_p
     ``train.py`` process whose saved config carries that stage's overrides; sweep.json (plus the
     docs copy named by date and device), sweep.txt and sweep.png are written. Catches a stage
     whose overrides are not passed to its run, a lost stage, and a final that is not run."""
-    from training.sweep import LEVERS, SPEED_LEVERS
+    from bench.sweep import LEVERS, SPEED_LEVERS
     out, docs = tmp_path / 'sweep', tmp_path / 'docs'
     skip = ','.join(n for n in [*LEVERS, *SPEED_LEVERS] if n not in ('label_smoothing_0.2', 'fused_sgd'))
     code, stdout, err = run_main('gpu_sweep', '--config', 'tiny_cpu', '--lever-epochs', 2, '--speed-epochs', 2,
@@ -60,7 +60,7 @@ def test_final_recipe_rules(tmp_path):
     base top-1 plus the gains clears target + margin; a speed lever joins only if its fixed
     cost plus per-epoch time beats base@E's at those epochs. Catches a lever with a clashing key
     let in, a loss counted as a gain, and compile's start-up cost ignored."""
-    from training.sweep import SweepPlan, choose_final
+    from bench.sweep import SweepPlan, choose_final
     runs = [_run(tmp_path, 'baseline', 0.752, 20, 60.0, 1.9),
             _run(tmp_path, 'base@E', 0.712, 12, 44.0, 1.9),
             _run(tmp_path, 'tta_translate', 0.717, 12, 46.0, 2.0),
@@ -80,15 +80,29 @@ def test_final_recipe_rules(tmp_path):
                            'training.tta_translate=1', 'training.fused_sgd=true']
 
 
+def test_the_final_leaves_out_speed_levers_its_optimizer_refuses(tmp_path):
+    """Muon pays and so do the fused SGD and the CUDA graph: the final takes Muon and the fused
+    SGD (Muon's SGD groups fuse) but not the CUDA graph, which the config refuses with Muon (a
+    final stage of failed runs otherwise). Catches the speed levers chosen without the final's
+    optimizer."""
+    from bench.sweep import SweepPlan, choose_final
+    runs = [_run(tmp_path, 'baseline', 0.752, 20, 60.0, 1.9), _run(tmp_path, 'base@E', 0.712, 12, 44.0, 1.9),
+            _run(tmp_path, 'muon', 0.74, 12, 44.0, 1.9), _run(tmp_path, 'fused_sgd', 0.1, 3, 24.0, 1.7),
+            _run(tmp_path, 'cuda_graph', 0.1, 3, 22.0, 1.2)]
+    f = choose_final({'runs': runs}, SweepPlan(config='tiny_cpu', final_epochs=[10, 12]), target=0.73)
+    assert f['accuracy_levers'] == ['muon'] and f['speed_levers'] == ['fused_sgd']
+    assert 'training.optimizer=muon' in f['recipe'] and 'training.cuda_graph=true' not in f['recipe']
+
+
 def test_budget_holds_time_back_for_the_final_stage(tmp_path, monkeypatch):
     """Every run "takes" 40 s: with 300 s, the levers run while the final's 3 x 40 s still fit
     after them (40 + 40 + 40 + 40 + 120 = 280), the rest are skipped,
     and the final runs its seeds; the JSON says the budget cut it. Catches a budget that lets
     the levers eat the final stage's time, and one that is ignored."""
-    import training.sweep as S
+    import bench.sweep as S
     clock = {'t': 0.0}
     monkeypatch.setattr(S.time, 'perf_counter', lambda: clock['t'])
-    monkeypatch.setattr(S, 'environment', lambda plan: {'device': 'cpu', 'torch': 'x', 'ffcv': 'y', 'date': '2026-12-01 10:00'})
+    monkeypatch.setattr(S, 'environment', lambda device: {'device': 'cpu', 'torch': 'x', 'ffcv': 'y', 'date': '2026-12-01 10:00'})
 
     def fake_run(plan, recipe, seed, log):
         clock['t'] += 40.0
@@ -104,6 +118,6 @@ def test_budget_holds_time_back_for_the_final_stage(tmp_path, monkeypatch):
     res = S.sweep(S.SweepPlan(config='tiny_cpu', lever_epochs=2, speed_epochs=2, final_epochs=[2],
                               seeds=3, budget_s=300, out=tmp_path / 'o'), log=lambda *_: None)
     stages = [r['stage'] for r in res['runs']]
-    assert stages == ['baseline', 'base@E', 'tta_translate', 'ema', 'final', 'final', 'final']
+    assert stages == ['baseline', 'base@E', 'muon', 'tta_translate', 'final', 'final', 'final']
     assert res['stopped_by_budget'] and clock['t'] == 280
     assert json.loads((tmp_path / 'o' / 'sweep.json').read_text())['runs'][-1]['stage'] == 'final'

@@ -107,18 +107,25 @@ def test_resident_batches_have_one_shape_and_the_padding_never_counts(synthetic_
     assert (x0.double() - want).abs().max() < 1e-6 and batches[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(ref_run_tv, synthetic_betons, tmp_path, monkeypatch):
-    """Each checkpoint write sleeps 1 s before it writes (the test hook) while training goes on:
-    the run still ends with the last epoch's last.pt complete, epoch 1's checkpoint holds epoch
-    1's weights (those of an uninterrupted run without the delay), and no temporary file is
-    left. Catches a run that returns without joining the writer thread, and a write of the live
-    tensors instead of their snapshot."""
-    from training.state import SAVE_DELAY_ENV
-    from training.trainer import train
-    monkeypatch.setenv(SAVE_DELAY_ENV, '1')
+def slow_save(seconds: float):
+    """A checkpoint serializer that sleeps with its temporary file open before it writes."""
+    def save(obj, f):
+        time.sleep(seconds)
+        torch.save(obj, f)
+    return save
+
+
+def test_a_save_in_flight_when_the_run_ends_is_complete_on_disk(ref_run_tv, synthetic_betons, tmp_path):
+    """Each checkpoint write sleeps 1 s before it writes (a slow serializer passed in) while
+    training goes on: the run still ends with the last epoch's last.pt complete, epoch 1's
+    checkpoint holds epoch 1's weights (those of an uninterrupted run without the delay), and no
+    temporary file is left. Catches a run that returns without joining the writer thread, and a
+    write of the live tensors instead of their snapshot."""
+    from training.config import load_config
+    from training.trainer import Trainer
     run = tmp_path / 'run'
-    train('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 20, 'output.save_every': 1}),
-          log=lambda *_: None)
+    Trainer(load_config('tiny_cpu', tv(synthetic_betons, run, **{'data.batch_size': 20, 'output.save_every': 1})),
+            log=lambda *_: None, save_checkpoint=slow_save(1.0)).run()
     assert torch.load(run / 'last.pt', weights_only=True)['epoch'] == 2
     assert same_weights(ref_run_tv / 'epoch_001.pt', run / 'epoch_001.pt')
     assert not [p.name for p in run.iterdir() if p.name.startswith('.') and p.name != '.lock']
@@ -148,19 +155,28 @@ def test_the_snapshot_is_a_copy_of_the_live_state(synthetic_betons, tmp_path):
         tr.data.close()
 
 
+SLOW_WRITER_RUN = '''
+import sys, time, torch
+from training.config import load_config
+from training.trainer import Trainer
+def save(obj, f):  # sleeps with the temporary file open: a kill -9 now leaves it behind, empty
+    time.sleep(float(sys.argv[1]))
+    torch.save(obj, f)
+Trainer(load_config('tiny_cpu', sys.argv[2:]), config_name='tiny_cpu', save_checkpoint=save).run()
+'''
+
+
 def test_kill_9_while_a_background_write_is_in_flight_resumes_exactly(ref_run_tv, synthetic_betons, tmp_path):
-    """A real ``kill -9`` of ``scripts/train.py`` while epoch 2's checkpoint is being written in
-    the background (every write sleeps 4 s before it starts; the kill comes ~0.3 s into epoch
-    2's): last.pt is epoch 1's, complete, and resuming it in a new process ends on the
+    """A real ``kill -9`` of a training process while epoch 2's checkpoint is being written in
+    the background (its serializer sleeps 4 s before each write; the kill comes ~0.3 s into
+    epoch 2's): last.pt is epoch 1's, complete, and resuming it in a new process ends on the
     uninterrupted (in-process) run's weights. Catches a write that replaces last.pt before it
     is complete. (The reference used to differ from the processes' weights whenever ffcv had
     been imported before it: ffcv set torch's thread count; ffcv_patches, patch 5.)"""
-    from training.state import SAVE_DELAY_ENV
     ref = ref_run_tv
     run = tmp_path / 'killed'
-    env = {**os.environ, SAVE_DELAY_ENV: '4', 'PYTHONUNBUFFERED': '1'}
-    p = subprocess.Popen([PY, 'scripts/train.py', '--config', 'tiny_cpu',
-                          *as_cli(tv(synthetic_betons, run, **{'data.batch_size': 20}))],
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    p = subprocess.Popen([PY, '-c', SLOW_WRITER_RUN, '4', *tv(synthetic_betons, run, **{'data.batch_size': 20})],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in p.stdout:  # epoch 2 has been logged: its save waits for epoch 1's, then sleeps
@@ -202,7 +218,8 @@ def test_eager_training_steps_import_no_dynamo_and_match_plain_sgd():
 import sys, torch
 from model import build_model
 from training.config import load_config
-from training.step import TrainStep, make_optimizer
+from training.optim import make_optimizer
+from training.step import TrainStep
 cfg = load_config('tiny_cpu', ['model.width=8'])
 runs = []
 for eager in (True, False):

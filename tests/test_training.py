@@ -27,15 +27,6 @@ def test_resnet18_parameter_count_and_layout():
     assert m(x).shape == (2, 100)
 
 
-def test_lr_schedule_shape():
-    from training.step import lr_schedule
-    s = lr_schedule(lr=0.4, epochs=10, iters_per_epoch=10, warmup_epochs=2, kind='linear')
-    assert len(s) == 100 and s[19] == pytest.approx(0.4) and s[0] == pytest.approx(0.02)
-    assert np.all(np.diff(s[:20]) > 0) and np.all(np.diff(s[20:]) < 0) and s[-1] < 0.4 / 50
-    c = lr_schedule(lr=0.4, epochs=10, iters_per_epoch=10, warmup_epochs=2, kind='cosine')
-    assert c[20] == pytest.approx(0.4) and c[60] == pytest.approx(0.2) and c[-1] < 1e-3
-
-
 def test_two_epochs_lower_the_loss_and_write_everything(baseline_run):
     out, summary, logs = baseline_run
     records = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
@@ -141,7 +132,7 @@ def test_shipped_configs_load():
         assert rn18[section][name] == default[section][name], key
     ref = load_config('rn18_reference.yaml')
     assert (ref.data.batch_size, ref.training.lr, ref.training.warmup_epochs, ref.training.epochs,
-            ref.training.lr_schedule, ref.training.label_smoothing, ref.augment.cutout) == \
+            ref.training.schedule, ref.training.label_smoothing, ref.augment.cutout) == \
         (128, 0.1, 5.0, 100, 'cosine', 0.1, 16)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -70,18 +70,24 @@ class ModelConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = 20
-    lr: float = 0.4  # peak learning rate for the configured batch size (no implicit scaling)
-    lr_schedule: str = 'linear'  # decay after warm-up: linear | cosine (to zero)
-    warmup_epochs: float = 3.0  # linear warm-up from 0 to `lr`, per iteration
-    momentum: float = 0.9
+    optimizer: str = 'sgd'  # sgd | adamw | muon (training/optim.py's registry)
+    lr: float = 0.4  # peak LR for the configured batch size (no implicit scaling); with muon: of its SGD groups (head, BatchNorm, biases)
+    schedule: str = 'linear'  # LR shape: linear | cosine (after the warm-up, to zero) | onecycle | piecewise (training/schedule.py); was lr_schedule
+    schedule_points: List[List[float]] = field(default_factory=list)  # piecewise: [[fraction of training, LR multiplier], ...] from 0 to 1
+    warmup_epochs: float = 3.0  # linear warm-up from 0 to `lr`, per iteration (onecycle: its rise from lr/25)
+    momentum: float = 0.9  # sgd, and muon's SGD groups
     nesterov: bool = True
     weight_decay: float = 5e-4  # on conv/linear weights only (p.dim() >= 2)
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    muon_lr: float = 0.02  # muon: peak LR of the hidden conv/linear weights (Keller Jordan's default)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of those weights
+    muon_weight_decay: float = 0.0  # muon: decoupled weight decay of those weights
     label_smoothing: float = 0.1
     precision: str = 'auto'  # auto | bf16 | fp16 | fp32 (auto: bf16 if the GPU has it, else fp16; fp16 on MPS; on the CPU bf16 where native (AVX512-BF16/AMX), else fp32)
     compile: bool = False  # torch.compile the model (pays compile time up front)
     compile_mode: str = 'default'  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    fused_sgd: bool = False  # torch's fused SGD kernel (one launch for all parameters) instead of foreach
-    cuda_graph: bool = False  # capture the whole training step in a CUDA graph (CUDA only; bf16/fp32; one process)
+    fused_sgd: bool = False  # torch's fused SGD kernel (one launch for all parameters) instead of foreach (sgd; muon's SGD groups)
+    cuda_graph: bool = False  # capture the whole training step in a CUDA graph (CUDA only; bf16/fp32; one process; sgd)
     ema: float = 0.0  # weight averaging: EMA decay per optimizer step (0 = off); evaluated and exported when on
     ema_every: int = 1  # update the EMA every N optimizer steps (the decay is raised to the N-th power)
     grad_clip: float = 0.0  # max grad norm; 0 = off
@@ -101,6 +107,7 @@ class OutputConfig:
     save_every: int = 0  # also keep epoch_NNN.pt every N epochs; 0 = only last.pt and best.pt
     progress: Optional[bool] = None  # progress bar: null = only on a terminal, true/on, false/off
     plot: bool = True  # curves.png at the end
+    tensorboard: bool = False  # TensorBoard event files in the run folder (training/sinks/tensorboard.py; imported only when on)
 
 
 @dataclass
@@ -115,7 +122,6 @@ class Config:
 CHOICES = {
     'data.loader': ('auto', 'ffcv', 'torchvision'),
     'data.order': ('quasi_random', 'random', 'sequential'),
-    'training.lr_schedule': ('linear', 'cosine'),
     'training.precision': ('auto', 'bf16', 'fp16', 'fp32'),
     'training.compile_mode': ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
 }
@@ -124,7 +130,8 @@ POSITIVE = ('data.batch_size', 'data.test_batch_size', 'training.epochs', 'model
 NON_NEGATIVE = ('training.lr', 'training.warmup_epochs', 'training.weight_decay',
                 'training.grad_clip', 'augment.translate', 'augment.cutout',
                 'data.train_per_class', 'data.test_per_class', 'output.save_every',
-                'training.momentum', 'training.tta_translate')
+                'training.momentum', 'training.tta_translate', 'training.muon_lr',
+                'training.muon_momentum', 'training.muon_weight_decay')
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -199,6 +206,57 @@ def validate(cfg) -> None:
     from model import ARCHS
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f'model.arch: {cfg.model.arch!r} is not one of {sorted(ARCHS)}')
+    _validate_optimizer(cfg.training)
+
+
+def _validate_optimizer(tc) -> None:
+    """The optimizer and schedule by registered name, their own keys, and the combinations
+    the step cannot run (each refused in one line)."""
+    from .optim import OPTIMIZERS
+    from .schedule import SCHEDULES
+    for key, names in (('optimizer', OPTIMIZERS), ('schedule', SCHEDULES)):
+        if tc[key] not in names:
+            raise ConfigError(f'training.{key}: {tc[key]!r} is not one of {sorted(names)}')
+    entry, defaults = OPTIMIZERS[tc.optimizer], TrainingConfig()
+    for name, other in OPTIMIZERS.items():
+        for key in set(other.reads) - set(entry.reads):
+            if tc[key] != getattr(defaults, key):
+                users = sorted(n for n, e in OPTIMIZERS.items() if key in e.reads)
+                raise ConfigError(f'training.{key}: only read by training.optimizer {users}, not by '
+                                  f'{tc.optimizer!r}; leave it at its default ({getattr(defaults, key)!r})')
+    if tc.fused_sgd and not entry.fused:
+        raise ConfigError(f'training.fused_sgd: training.optimizer {tc.optimizer!r} has no SGD to fuse; '
+                          f'set training.fused_sgd=false')
+    if tc.cuda_graph and not entry.cuda_graph:
+        raise ConfigError(f'training.cuda_graph: captures the fused SGD step only, not training.optimizer '
+                          f'{tc.optimizer!r}; set training.cuda_graph=false')
+    if len(tc.adam_betas) != 2 or not all(0 <= b < 1 for b in tc.adam_betas):
+        raise ConfigError(f'training.adam_betas: two values in [0, 1), got {list(tc.adam_betas)}')
+    if not 0 <= tc.muon_momentum < 1:
+        raise ConfigError(f'training.muon_momentum: must lie in [0, 1), got {tc.muon_momentum}')
+    pts = [list(p) for p in tc.schedule_points]
+    if tc.schedule == 'piecewise' and not (
+            len(pts) >= 2 and all(len(p) == 2 and p[1] >= 0 for p in pts) and pts[0][0] == 0
+            and pts[-1][0] == 1 and all(a[0] < b[0] for a, b in zip(pts, pts[1:]))):
+        raise ConfigError(f'training.schedule_points: piecewise needs [[0, s0], ..., [1, sN]] with rising '
+                          f'fractions of training and multipliers >= 0, got {pts}')
+
+
+RENAMED = {'training.lr_schedule': 'training.schedule'}  # old key -> new: old configs and checkpoints load
+
+
+def _migrate(d, what: str):
+    """``d`` (a file's or a checkpoint's config) with renamed keys under their new names."""
+    for old, new in RENAMED.items():
+        value = OmegaConf.select(d, old, default='__missing__')
+        if value == '__missing__':
+            continue
+        section, old_key = old.split('.')
+        if OmegaConf.select(d, new, default=value) != value:
+            raise ConfigError(f'{what}: {old} and {new} both given (the old name of {new}); keep one')
+        del d[section][old_key]
+        d[section][new.split('.')[1]] = value
+    return d
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -207,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     (``['training.epochs=2', ...]``). Returns a typed, read-only OmegaConf object."""
     cfg = OmegaConf.structured(Config)
     if base is not None:
-        cfg = _merge(cfg, OmegaConf.create(base), 'checkpoint config')
+        cfg = _merge(cfg, _migrate(OmegaConf.create(base), 'checkpoint config'), 'checkpoint config')
     if path is not None:
         p = resolve_config_path(path)
         try:
@@ -215,9 +273,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except Exception as e:  # YAML syntax errors, duplicated keys, ...
             why = ' '.join(str(e).split())[:240]  # e.g. "found duplicate key 'epochs' ..."
             raise ConfigError(f'{p}: not a valid YAML config ({why})') from None
-        cfg = _merge(cfg, file_cfg, str(p))
+        cfg = _merge(cfg, _migrate(file_cfg, str(p)), str(p))
     for ov in overrides or []:
         key, sep, value = ov.partition('=')
+        if key in RENAMED:
+            key, ov = RENAMED[key], f'{RENAMED[key]}={value}'
         if not sep or not key:
             raise ConfigError(f'override {ov!r} must look like section.key=value')
         if OmegaConf.select(cfg, key, default='__missing__') == '__missing__' or '.' not in key:
@@ -256,6 +316,7 @@ RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
     'model.arch': "the checkpoint's weights have another shape",
     'model.width': "the checkpoint's weights have another shape",
     'model.num_classes': "the checkpoint's weights have another shape",
+    'training.optimizer': "the checkpoint's optimizer state belongs to another optimizer",
     'data.batch_size': 'the steps per epoch would change, and with them the meaning of the saved '
                        'step counter, LR schedule position and mid-epoch position',
     'data.train_per_class': 'the steps per epoch would change, and with them the meaning of the saved '
@@ -264,7 +325,7 @@ RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
     'output.name': 'a resumed run continues in the folder of its checkpoint',
 }
 RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
-    'output.progress', 'output.plot', 'output.save_every', 'data.num_workers',
+    'output.progress', 'output.plot', 'output.save_every', 'output.tensorboard', 'data.num_workers',
     'data.batches_ahead', 'data.os_cache', 'data.test_batch_size', 'training.target_top1',
     'data.resident_test',  # the same test images and counts either way (tests/test_time_budget.py)
 )

@@ -52,12 +52,13 @@ class StopRequest:
         return D.broadcast_flag(self.requested, device) if D.is_distributed() else self.requested
 
 
-def check_finite(loss_sum: torch.Tensor, *, where: str, hint) -> None:
-    """Raise :class:`TrainingDiverged` if the summed loss is not finite. Summed over ranks, so
-    every rank takes the same decision (a lone raise would deadlock DDP). ``hint``: a string, or
-    a function giving it (called only on a failure: it may look at the disk)."""
+def check_finite(loss_sum: torch.Tensor, *, where: str, hint) -> float:
+    """The loss summed over ranks, or :class:`TrainingDiverged` if it is not finite: every rank
+    takes the same decision (a lone raise would deadlock DDP). ``hint``: a string, or a function
+    giving it (called only on a failure: it may look at the disk)."""
     total = D.all_reduce_sum(loss_sum.detach().clone()) if D.is_distributed() else loss_sum
     value = total.item()
     if not math.isfinite(value):
         raise TrainingDiverged(f'training diverged: the loss is {value} at {where}; '
                                f'{hint() if callable(hint) else hint}')
+    return value

@@ -65,6 +65,21 @@ def epoch_line(record: dict, *, epochs: int) -> str:
             f'{record["epoch_seconds"]:.1f}+{record["eval_seconds"]:.1f} s  [{record["wallclock_s"]:.1f} s]')
 
 
+def run_facts(trainer, *, total_s: float, setup_s: float, jit_s: float) -> dict:
+    """What the summary says about the run besides its records: where, on what, how long."""
+    import torch
+    from ffcv_pipeline import ffcv_version
+    from .runtime import device_name
+    ffcv, dev = trainer.data.loader == 'ffcv', trainer.device
+    return dict(config=trainer.config_name, run_dir=str(trainer.run_dir.path), total_seconds=round(total_s, 3),
+                setup_seconds=round(setup_s, 3), loader_warmup_seconds=round(jit_s, 3),
+                numba_compile_seconds=round(jit_s, 3) if ffcv else None, epochs=trainer.cfg.training.epochs,
+                world_size=trainer.info.world_size, device=device_name(dev),
+                gpu=device_name(dev) if dev.type == 'cuda' else None, precision=dtype_name(trainer.dtype),
+                params=trainer.n_params, loader=trainer.data.loader, torch_version=str(torch.__version__),
+                ffcv_version=ffcv_version() if ffcv else None)
+
+
 def done_lines(summary: dict) -> list[str]:
     """The run's last two lines: the result against the target, and where the time went."""
     fmt = (lambda v: 'n/a' if v is None else f'{v:.4f}')

@@ -35,25 +35,19 @@ import random
 import shutil
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.checkpoint import RESUME_KEYS, atomic_save, load_checkpoint, make_checkpoint, model_state
+from model.checkpoint import RESUME_KEYS, load_checkpoint, make_checkpoint, model_state
 from model.errors import UserError
 from model.fileio import atomic_write, atomic_write_text, check_writable_dir
 
 from .config import ConfigError, to_dict, to_yaml
 from .metrics import read_jsonl
-
-# Test hook: seconds each checkpoint write sleeps with its temporary file open, before it writes,
-# so that a test can kill -9 a run while a background write is in flight (or see the training go
-# on while it waits: what is written must be the snapshot). Unset, it costs nothing.
-SAVE_DELAY_ENV = 'CIFAR_CHECKPOINT_DELAY_S'
-
+from .optim import hyperparameters
 
 def get_rng_state() -> dict:
     st = {'python': random.getstate(), 'numpy': list(np.random.get_state()),
@@ -163,7 +157,10 @@ def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None, data
     model.load_state_dict(ckpt.get('raw_model', ckpt['model']))
     if ema is not None:
         ema.load_state_dict(ckpt.get('ema', {'updates': 0}), ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    settings = hyperparameters(optimizer)  # this run's config (a resume may change LR, decay, ...)
+    optimizer.load_state_dict(ckpt['optimizer'])  # momentum buffers, moments; and the old settings:
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if ckpt['scaler'] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'])
@@ -204,8 +201,9 @@ def _try_lock(path: Path) -> tuple[int | None, str]:
 class RunFolder:
     """``runs/<name>/``: only the main process writes (``is_main``); the others keep the path."""
 
-    def __init__(self, path: Path, *, is_main: bool = True):
+    def __init__(self, path: Path, *, is_main: bool = True, serialize=torch.save):
         self.path, self.is_main = Path(path), is_main
+        self.serialize = serialize  # (checkpoint, open temporary file): torch.save
         self.metrics_path = self.path / 'metrics.jsonl'
         self.records: list[dict] = []
         self._writer: threading.Thread | None = None
@@ -214,14 +212,15 @@ class RunFolder:
         self._lock_fd: int | None = None
 
     @classmethod
-    def claim(cls, path: Path, *, is_main: bool = True, resume: bool = False, log=print) -> 'RunFolder':
+    def claim(cls, path: Path, *, is_main: bool = True, resume: bool = False, log=print,
+              serialize=torch.save) -> 'RunFolder':
         """The folder this run writes, locked for its life (see the module docstring): ``path``
         itself when resuming or when it holds no earlier results, else ``path-1``, ``path-2``,
         ... Raises :class:`RunFolderBusy` if a live run holds ``path``, and
         :class:`~model.fileio.NotWritableError` if it cannot be written."""
         path = Path(path)
         if not is_main:
-            return cls(path, is_main=False)
+            return cls(path, is_main=False, serialize=serialize)
         for i in itertools.count():
             cand = path if i == 0 else path.with_name(f'{path.name}-{i}')
             check_writable_dir(cand, 'run folder')
@@ -238,7 +237,7 @@ class RunFolder:
             ckpt = next((path / n for n in ('interrupted.pt', 'last.pt') if (path / n).is_file()), None)
             log(f'note: {path} holds an earlier run\'s results; this run writes {cand} (to reuse the '
                 f'name, delete that folder' + (f'; to continue that run: --resume {ckpt})' if ckpt else ')'))
-        folder = cls(cand)
+        folder = cls(cand, serialize=serialize)
         folder._lock_fd = fd
         return folder
 
@@ -307,8 +306,7 @@ class RunFolder:
     def _write(self, ckpt: dict, names: tuple[str, ...]) -> None:
         """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names."""
         first = self.path / names[0]
-        delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
-        atomic_save(ckpt, first, before_write=(lambda: time.sleep(delay)) if delay else None)
+        atomic_write(first, lambda f: self.serialize(ckpt, f))
         for n in names[1:]:
             tmp = self.path / f'.{n}.link-{os.getpid()}'
             try:

@@ -21,10 +21,11 @@ import datetime as _dt
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
-from ffcv_pipeline import ffcv_version
 from model import build_model, count_parameters, use_channels_last
 from model.checkpoint import load_checkpoint
 from model.fileio import DiskFullError
@@ -35,12 +36,18 @@ from .budget import TimeBudget
 from .config import ROOT, ConfigError, load_config, resume_config, with_values
 from .evaluate import evaluate
 from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
-from .metrics import EpochStats, summarize, write_json
-from .runtime import (configure_backends, device_name, dtype_name, resolve_device,
-                      resolve_precision, seed_everything, sync, workers_per_process)
+from .metrics import EpochStats, summarize
+from .runtime import (configure_backends, resolve_device, resolve_precision, seed_everything, sync,
+                      workers_per_process)
 from .state import Position, RunFolder, restore, training_checkpoint
-from .step import TrainStep, lr_schedule, make_optimizer
+from .optim import make_optimizer
+from .schedule import lr_scales
+from .sinks import RunLog, open_runlog
+from .step import TrainStep
 from .ema import EMA
+
+if TYPE_CHECKING:
+    from ffcv_pipeline.data import TrainingData
 
 __all__ = ['Trainer', 'train', 'TrainingDiverged', 'TrainingInterrupted']
 
@@ -57,9 +64,31 @@ class Trainer:
     cfg: object
     config_name: str = 'config'
     resume: str | None = None
-    log: callable = print
+    log: Callable[[str], None] = print  # the console sink's output
     info: D.DistInfo = field(default_factory=D.dist_from_env)
     budget: TimeBudget = field(default_factory=TimeBudget)  # the clock runs from process start
+    sinks: list = field(default_factory=list)  # more run-log sinks (beside console, JSONL, output.*)
+    save_checkpoint: Callable = torch.save  # (checkpoint, open temporary file): how it is written
+
+    # What setup() builds, in this order; None (or zero) until then.
+    run_dir: RunFolder | None = field(default=None, init=False)
+    device: torch.device | None = field(default=None, init=False)
+    dtype: torch.dtype | None = field(default=None, init=False)
+    workers: int = field(default=0, init=False)  # loader workers per process
+    data: TrainingData | None = field(default=None, init=False)
+    model: torch.nn.Module | None = field(default=None, init=False)  # bare: no DDP, no compile
+    layout: str = field(default='', init=False)
+    n_params: int = field(default=0, init=False)
+    ema: EMA | None = field(default=None, init=False)
+    lr_scale: np.ndarray | None = field(default=None, init=False)  # x each group's peak LR, per step
+    eval_net: torch.nn.Module | None = field(default=None, init=False)  # compiled, without DDP
+    ema_net: torch.nn.Module | None = field(default=None, init=False)
+    train_step: TrainStep | None = field(default=None, init=False)
+    start: Position = field(default_factory=Position, init=False)  # where a resumed run begins
+    step: int = field(default=0, init=False)  # optimizer steps taken
+    best_top1: float = field(default=0.0, init=False)
+    stop: StopRequest = field(default_factory=StopRequest, init=False)
+    runlog: RunLog = field(default_factory=lambda: RunLog([]), init=False)
     _timed_first_steps: bool = field(default=False, init=False)
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -69,7 +98,7 @@ class Trainer:
             name = cfg.output.name or f'{self.config_name}-{_dt.datetime.now():%Y%m%d-%H%M%S}'
             path = Path(self.resume).resolve().parent if self.resume else ROOT / cfg.output.dir / name
             self.run_dir = RunFolder.claim(path, is_main=self.info.is_main, resume=bool(self.resume),
-                                           log=self.log)
+                                           log=self.log, serialize=self.save_checkpoint)
         with b.span('device_init'):
             self.device = resolve_device(tc.device, self.info)
             D.init(self.info, self.device)
@@ -94,6 +123,9 @@ class Trainer:
                               f'{self.data.train.num_samples} training images per process')
         with b.span('model_build'):
             self._build_model(channels_last)
+        with b.span('logging'):  # an optional sink's import (tensorboard: seconds) counts here
+            self.runlog = open_runlog(cfg, self.run_dir, console=self.log, extra=self.sinks, is_main=self.info.is_main,
+                                      resumed_at=self.start.step if self.resume else None)
 
     def _build_model(self, channels_last: bool) -> None:
         """Model, optimizer, schedule, step, resumed state and the run folder."""
@@ -103,8 +135,7 @@ class Trainer:
         self.n_params = count_parameters(self.model)
         optimizer = make_optimizer(self.model, tc, eager=not (tc.compile or tc.cuda_graph))
         self.ema = EMA(self.model, tc.ema, every=tc.ema_every) if tc.ema else None  # evaluated, exported
-        self.lrs = lr_schedule(lr=tc.lr, epochs=tc.epochs, iters_per_epoch=len(self.data.train),
-                               warmup_epochs=tc.warmup_epochs, kind=tc.lr_schedule)
+        self.lr_scale = lr_scales(tc, len(self.data.train))  # x each group's peak LR, per step
         # eval_net: the (compiled) model without DDP. DDP syncs buffers before every forward, so
         # evaluating through it would need the same number of batches on every rank.
         self.eval_net = torch.compile(self.model, mode=tc.compile_mode) if tc.compile else self.model
@@ -130,31 +161,31 @@ class Trainer:
                     f'processes give {len(self.data.train)} steps per epoch; resume with the original '
                     f'data and batch size')
         self.step, self.best_top1 = self.start.step, self.start.best_top1
-        self.stop = StopRequest()
         self.run_dir.start(cfg, resumed_epochs=self.start.epoch if self.resume else None)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
+        """Set up (unless :meth:`setup` ran already), train, finish; the summary (rank 0)."""
         try:
-            self.setup()
+            if self.train_step is None:
+                self.setup()
             return self._run()
         finally:  # a checkpoint in flight is complete on disk before the run ends, however
-            if hasattr(self, 'run_dir'):  # it ends (Ctrl-C, SIGTERM, an error)
+            if self.run_dir is not None:  # it ends (Ctrl-C, SIGTERM, an error)
                 self.run_dir.wait(unless_failing=True)
                 self.run_dir.close()  # the folder's lock
-            if hasattr(self, 'data'):  # the torchvision loader's worker processes end now
+            if self.data is not None:  # the torchvision loader's worker processes end now
                 self.data.close()
+            self.runlog.close()
 
     def _run(self) -> dict:
         cfg, main = self.cfg, self.info.is_main
-        if main:
-            self._log_start()
+        self._log_start()
         with self.budget.span('loader_warmup'):
             jit_s = self.data.warm_up()
         setup_s = self.budget.elapsed()
-        if main:
-            what = 'FFCV/numba JIT compilation' if self.data.loader == 'ffcv' else 'loader workers starting'
-            self.log(f'set-up {setup_s:.1f} s, of which {what} {jit_s:.1f} s')
+        what = 'FFCV/numba JIT compilation' if self.data.loader == 'ffcv' else 'loader workers starting'
+        self.runlog.line(f'set-up {setup_s:.1f} s, of which {what} {jit_s:.1f} s')
         for epoch in range(self.start.epoch, cfg.training.epochs):
             first = epoch == self.start.epoch
             stats = EpochStats.start(self.device, self.start.partial if first else None, is_main=main)
@@ -167,16 +198,18 @@ class Trainer:
         return self.finish(jit_s, setup_s)
 
     def train_epoch(self, epoch: int, stats: EpochStats) -> None:
-        """One optimizer step per batch; the LR schedule is an array indexed by step."""
+        """One optimizer step per batch; the LR schedule is an array of multipliers indexed by step."""
         self.train_step.net.train()
         bar = self._progress_bar(epoch)
         t0, wait0, first, n = time.perf_counter(), stats.wait_s, 0.0, 0
         try:
             for b, (x, y) in self.batches(epoch, stats):
-                loss, logits = self.train_step(x, y, self.lrs[self.step])
+                loss, logits = self.train_step(x, y, self.lr_scale[self.step])
                 self.step += 1
                 if self.ema:
                     self.ema.update(self.model, self.step)
+                if self.runlog.wants_steps:  # host floats only: no sync
+                    self.runlog.step(self.step, self.train_step.lrs(self.lr_scale[self.step - 1]))
                 stats.add(loss, logits, y)
                 bar.update(1)
                 n += 1
@@ -243,8 +276,9 @@ class Trainer:
             raw_top1, _, raw_s, _ = self.evaluate(raw=True)
             self.budget.add('evaluation', raw_s)
         t_log = time.perf_counter()
-        record = report.epoch_record(epoch + 1, lr=float(self.lrs[self.step - 1]), totals=tot, top1=top1,
-                                     top5=top5, seconds=stats.seconds, wait_s=stats.wait_s, eval_s=eval_s,
+        lr = cfg.training.lr * float(self.lr_scale[self.step - 1])  # training.lr's groups, last step
+        record = report.epoch_record(epoch + 1, lr=lr, totals=tot, top1=top1, top5=top5,
+                                     seconds=stats.seconds, wait_s=stats.wait_s, eval_s=eval_s,
                                      test_images=n_test, wallclock_s=wallclock)
         if raw_top1 is not None:
             record['test_top1_raw'] = raw_top1
@@ -252,8 +286,7 @@ class Trainer:
         self.best_top1 = max(self.best_top1, top1 or 0.0)
         if not self.info.is_main:
             return
-        self.run_dir.add_record(record)
-        self.log(report.epoch_line(record, epochs=cfg.training.epochs))
+        self.runlog.epoch(self.step, record)  # metrics.jsonl, the console line, ...
         self.budget.add('logging', time.perf_counter() - t_log)
         names = ['last.pt'] + (['best.pt'] if improved else [])
         if cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0:
@@ -269,24 +302,14 @@ class Trainer:
         t_end = time.perf_counter()
         self.run_dir.wait()  # the last checkpoint is on disk (a full disk surfaces here)
         cfg, records = self.cfg, self.run_dir.records
-        summary = summarize(
-            records, target=cfg.training.target_top1, config=self.config_name,
-            run_dir=str(self.run_dir.path), total_seconds=round(self._elapsed(), 3),
-            setup_seconds=round(setup_s, 3), loader_warmup_seconds=round(jit_s, 3),
-            numba_compile_seconds=round(jit_s, 3) if self.data.loader == 'ffcv' else None,
-            epochs=cfg.training.epochs, world_size=self.info.world_size,
-            device=device_name(self.device),
-            gpu=device_name(self.device) if self.device.type == 'cuda' else None,
-            precision=dtype_name(self.dtype), params=self.n_params, loader=self.data.loader,
-            torch_version=str(torch.__version__), ffcv_version=ffcv_version() if self.data.loader == 'ffcv' else None)
+        summary = summarize(records, target=cfg.training.target_top1, **report.run_facts(
+            self, total_s=self._elapsed(), setup_s=setup_s, jit_s=jit_s))
         if cfg.output.plot and records:  # with the budget so far (the plot's own time goes to `end`)
             report.plot_run(records, summary, self.run_dir.path / 'curves.png', budget=self.budget.report(),
-                            log=self.log)
+                            log=self.runlog.line)
         self.budget.add('end', time.perf_counter() - t_end)
         summary['time_budget'] = self.budget.report()
-        write_json(self.run_dir.path / 'summary.json', summary)
-        for line in report.done_lines(summary):
-            self.log(line)
+        self.runlog.summary(self.step, summary)  # summary.json, the last lines, ...
         return summary
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -311,13 +334,16 @@ class Trainer:
         raise TrainingInterrupted(self.run_dir.path / 'interrupted.pt')
 
     def _check_progress(self, stats: EpochStats, epoch: int, b: int, bar, seconds: float) -> None:
-        """Every few steps: stop on a NaN/inf loss; update the progress bar."""
-        check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {self.step})',
-                     hint=lambda: report.diverged_hint(self.run_dir.path, lr=self.cfg.training.lr,
-                                                       epoch=epoch))
+        """Every few steps: stop on a NaN/inf loss; the running loss to the progress bar and the
+        step sinks (the check has synchronized already)."""
+        total = check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {self.step})',
+                             hint=lambda: report.diverged_hint(self.run_dir.path, lr=self.cfg.training.lr,
+                                                               epoch=epoch))
+        loss, img_s = total / (stats.seen * self.info.world_size), stats.seen / (seconds + stats.seconds)
         if not bar.disable:
-            bar.set_postfix(img_s=f'{stats.seen / (seconds + stats.seconds):.0f}',
-                            loss=f'{(stats.loss_sum / stats.seen).item():.3f}')
+            bar.set_postfix(img_s=f'{img_s:.0f}', loss=f'{loss:.3f}')
+        if self.runlog.wants_steps:
+            self.runlog.step(self.step, {'train_loss': loss, 'train_images_per_s': img_s})
 
     def _progress_bar(self, epoch: int):
         initial = self.start.batch if epoch == self.start.epoch else 0
@@ -330,7 +356,7 @@ class Trainer:
                 self.cfg, self.data, n_params=self.n_params, device=self.device, dtype=self.dtype,
                 layout=self.layout, world_size=self.info.world_size, workers=self.workers,
                 run_dir=self.run_dir.path, resumed=self.resume, position=self.start.describe()):
-            self.log(line)
+            self.runlog.line(line)
 
 
 def train(config: str | None, overrides: list[str] | None = None, resume: str | None = None,
@@ -349,7 +375,7 @@ def train(config: str | None, overrides: list[str] | None = None, resume: str | 
     try:
         return trainer.run()
     except DiskFullError as e:  # the last complete checkpoint is intact: say how to go on
-        last = trainer.run_dir.path / 'last.pt' if hasattr(trainer, 'run_dir') else None
+        last = trainer.run_dir.path / 'last.pt' if trainer.run_dir is not None else None
         if last is None or not last.is_file():
             raise
         raise e.with_hint(f'free some space, then resume with: python scripts/train.py --resume {last}') from None

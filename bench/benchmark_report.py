@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .metrics import save_figure
+from training.metrics import save_figure
 
 LOADER_LABELS = {'ffcv': 'FFCV (JIT aug + normalize)',
                  'torchvision': 'torchvision path (DataLoader, numpy batch aug)',

@@ -29,9 +29,12 @@ from model.fileio import atomic_write_text, check_writable_dir
 from ffcv_pipeline.data import data_paths
 from ffcv_pipeline.writer import read_manifest
 
-from .config import ROOT, ConfigError, load_config
-from .budget import format_budget
-from .metrics import plot_budgets, read_jsonl, save_figure
+from training.budget import format_budget
+from training.config import ROOT, ConfigError, load_config
+from training.metrics import plot_budgets, read_jsonl, save_figure
+from training.runtime import resolve_device
+
+from . import environment
 
 
 @dataclass
@@ -178,16 +181,6 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def environment(plan: Plan) -> dict:
-    import torch
-    from ffcv_pipeline import ffcv_version
-    from .runtime import device_name, resolve_device
-    cfg = load_config(plan.config, plan.overrides)
-    dev = resolve_device(cfg.training.device)
-    return {'device': device_name(dev), 'torch': str(torch.__version__), 'ffcv': ffcv_version(),
-            'python': sys.version.split()[0], 'date': time.strftime('%Y-%m-%d %H:%M')}
-
-
 def speedrun(plan: Plan, log=print) -> dict:
     """Run every recipe ``plan.runs`` times (seeds ``plan.seed`` ...), within the budget."""
     cfg = load_config(plan.config, plan.overrides)  # bad configs and keys fail here, before any run
@@ -196,7 +189,8 @@ def speedrun(plan: Plan, log=print) -> dict:
         load_config(plan.config, [*plan.overrides, *recipe])
     manifest = read_manifest(data_paths(cfg.data, ROOT)[0][0].parent) or {}
     result = {'config': plan.config, 'overrides': plan.overrides, 'sweep': plan.sweep, 'runs_per_recipe': plan.runs,
-              'target_top1': cfg.training.target_top1, 'environment': environment(plan),
+              'target_top1': cfg.training.target_top1,
+              'environment': environment(resolve_device(cfg.training.device)),
               'conversion_s': manifest.get('write_seconds'),
               'budget_s': plan.budget_s, 'stopped_by_budget': False, 'runs': [], 'recipes': []}
     check_writable_dir(plan.out / 'runs')  # before the first run, not after it

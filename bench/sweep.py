@@ -22,7 +22,7 @@ the final stage needs is held back while the levers run):
    the summed gains -- clears the target by ``--margin``; ``--seeds`` seeds. Whether every seed
    reached the target is then measured, not predicted.
 
-Every run is :func:`training.speedrun.run_one` (``scripts/train.py`` in a fresh process, set-up
+Every run is :func:`bench.speedrun.run_one` (``scripts/train.py`` in a fresh process, set-up
 and JIT included); the result is written after every run (``sweep.json``: speedrun's format
 plus the stages and decisions), with a table and ``sweep.png`` (top-1 against wall-clock for
 every run) at the end, and with ``docs``, a copy named ``<date>-<gpu>-sweep.json`` for
@@ -39,18 +39,28 @@ from pathlib import Path
 
 from model.fileio import check_writable_dir
 
-from .config import ROOT, ConfigError, load_config
-from .metrics import read_jsonl
-from .speedrun import Plan, environment, format_table, label, plot, run_one, write_result
+from training.config import ROOT, ConfigError, load_config
+from training.metrics import read_jsonl
+from training.runtime import resolve_device
+
+from . import environment
+from .speedrun import Plan, format_table, label, plot, run_one, write_result
 
 # name -> overrides. Sources: ../shared/docs/SPEED_NOTES.md (airbench, cifar10-zoo ablations).
 LEVERS = {
+    # issue 26 (first: never measured, and the record recipes' newest lever): Muon for the conv
+    # weights, SGD at training.lr for the head, BatchNorm and biases (airbench94_muon's split);
+    # muon_lr 0.02 / momentum 0.95 are Keller Jordan's defaults, not tuned for this ResNet
+    'muon': ['training.optimizer=muon'],
     'tta_translate': ['training.tta_translate=1'],  # airbench mirror_translate: +0.2 over flip (RN-18, CIFAR-10)
     'ema': ['training.ema=0.995'],  # window ~200 steps (~2 epochs at batch 512): see training/ema.py
     'label_smoothing_0.2': ['training.label_smoothing=0.2'],  # airbench's default
     'batch_1024': ['data.batch_size=1024', 'training.lr=0.8'],  # linear LR scaling (Goyal et al. 2017)
     'warmup_2': ['training.warmup_epochs=2'],
     'lr_0.5': ['training.lr=0.5'],  # FFCV's CIFAR example: 0.5 at batch 512
+    'onecycle': ['training.schedule=onecycle'],  # torch's OneCycleLR shape over the same warm-up
+    # AdamW's usual CIFAR ResNet settings (LR ~100x SGD's; decoupled decay 0.05): a guess to measure
+    'adamw': ['training.optimizer=adamw', 'training.lr=0.002', 'training.weight_decay=0.05'],
 }
 SPEED_LEVERS = {
     'fused_sgd': ['training.fused_sgd=true'],
@@ -139,6 +149,12 @@ def choose_final(result: dict, plan: SweepPlan, target: float) -> dict:
             speed.append(name)
     if 'cuda_graph' in speed and 'compile' in speed:  # the config refuses both: keep the faster
         speed.remove(max(('cuda_graph', 'compile'), key=lambda n: speed_s[n]))
+    accuracy = [o for n in chosen for o in LEVERS[n]]
+    for name in list(speed):  # e.g. the CUDA graph or the fused SGD with AdamW: refused, so left out
+        try:
+            load_config(plan.config, [*plan.overrides, *accuracy, *SPEED_LEVERS[name]])
+        except ConfigError:
+            speed.remove(name)
     recipe = [f'training.epochs={epochs}', *(o for n in chosen + speed for o in {**LEVERS, **SPEED_LEVERS}[n])]
     return {'accuracy_levers': chosen, 'speed_levers': speed, 'gains': gains, 'epochs': epochs,
             'predicted_top1': predicted, 'predicted_seconds': {'base@E': base_s, **speed_s},
@@ -163,7 +179,8 @@ def sweep(plan: SweepPlan, log=print) -> dict:
     # fills them, the measured run reads them, as a user's second run would
     os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', str(plan.out / 'inductor_cache'))
     result = {'config': plan.config, 'overrides': plan.overrides, 'target_top1': target,
-              'environment': environment(sp), 'conversion_s': None, 'budget_s': plan.budget_s,
+              'environment': environment(resolve_device(cfg.training.device)), 'conversion_s': None,
+              'budget_s': plan.budget_s,
               'plan': {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.__dict__.items()},
               'levers': LEVERS, 'speed_levers': SPEED_LEVERS, 'stopped_by_budget': False,
               'runs': [], 'warmup_runs': [], 'recipes': [], 'final': None}

@@ -21,7 +21,6 @@ loaders, ``training.step.TrainStep`` for the step), from a training config:
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,15 +33,16 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ffcv_pipeline import ffcv_version
 from ffcv_pipeline.augment import active, settings
 from ffcv_pipeline.data import build_data, dataset_files
 from model import build_model, use_channels_last
 
-from .config import ROOT, load_config, with_values
-from .runtime import (dtype_name, resolve_device, resolve_precision, sync, usable_cores,
-                      workers_per_process)
-from .step import TrainStep, make_optimizer
+from training.config import ROOT, load_config, with_values
+from training.runtime import dtype_name, resolve_device, resolve_precision, sync, workers_per_process
+from training.optim import make_optimizer
+from training.step import TrainStep
+
+from . import environment
 
 LOADERS = ('ffcv', 'torchvision', 'classic')
 
@@ -62,6 +62,7 @@ class Settings:
     compile: bool | None = None  # also time torch.compile's step; None = on a GPU
     compare_ops: bool = True
     archive: Path | None = None  # for the conversion timing; None skips it
+    ffcv_delay_s: float = 0.0  # a sleep per FFCV training batch: a deliberately slow loader (make check)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -125,8 +126,11 @@ class Bench:
     def data(self, loader: str, per_class: int, batch: int | None = None):
         cfg = self.config(f'data.loader={loader}', f'data.train_per_class={per_class}',
                           *([f'data.batch_size={batch}'] if batch else []))
-        return build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
+        data = build_data(cfg, device=self.dev, dtype=self.dtype, root=ROOT, workers=self.workers,
                           channels_last=use_channels_last(cfg.model, self.dev))
+        if loader == 'ffcv' and self.s.ffcv_delay_s:
+            data.train = _Slowed(data.train, self.s.ffcv_delay_s)
+        return data
 
     def loader(self, kind: str) -> dict:
         if kind == 'classic':
@@ -170,8 +174,7 @@ class Bench:
         net = torch.compile(model) if compile else model
         step = TrainStep(net, make_optimizer(model, tc), device=self.dev, dtype=dtype,
                          label_smoothing=tc.label_smoothing, grad_clip=tc.grad_clip)
-        lr = tc.lr / 10  # any small LR: the figure is time, not accuracy
-        return lambda x, y: step(x, y, lr)
+        return lambda x, y: step(x, y, 0.1)  # a tenth of the peak LR: the figure is time, not accuracy
 
     def model_step(self, *, dtype: torch.dtype, channels_last: bool, compile: bool = False) -> dict:
         batch = self.s.model_batch or (self.cfg.data.batch_size if self.cuda else 32)
@@ -224,6 +227,24 @@ class Bench:
         return out
 
 
+@dataclass
+class _Slowed:
+    """A training loader that sleeps ``delay_s`` before handing over each batch."""
+    loader: object
+    delay_s: float
+
+    def epoch(self, epoch: int):
+        for batch in self.loader.epoch(epoch):
+            time.sleep(self.delay_s)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
 class _PilDataset(torch.utils.data.Dataset):
     """What torchvision's CIFAR datasets do per item: a uint8 array -> PIL image -> transform."""
 
@@ -250,20 +271,6 @@ def bench_conversion(archive: Path) -> dict:
         m = json.loads((Path(tmp) / 'manifest.json').read_text())
     return {'seconds': round(dt, 3), 'images': sum(v['count'] for v in m['splits'].values()),
             'command': f'python scripts/write_datasets.py --source {archive} --out DIR --force --quiet'}
-
-
-def environment(dev: torch.device) -> dict:
-    from importlib.metadata import version
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return {'cpu': cpu, 'cores': usable_cores(), 'python': platform.python_version(),
-            'gpu': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else None,
-            'torch': str(torch.__version__), 'torchvision': version('torchvision'),
-            'ffcv': ffcv_version(), 'numba': version('numba'), 'numpy': version('numpy'),
-            'torch_threads': torch.get_num_threads(), 'date': time.strftime('%Y-%m-%d')}
 
 
 def run_benchmark(s: Settings, log=print, save: Callable[[dict], None] | None = None) -> dict:
