@@ -10,7 +10,6 @@ Measured figures and the command live in docs/BENCHMARKS.md.
 """
 import argparse
 import json
-from pathlib import Path
 
 from _cli import ROOT, run
 from model.errors import UserError

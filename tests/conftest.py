@@ -94,15 +94,20 @@ def build_archive(path: Path, *, train: dict | None = None, test: dict | None = 
             blobs[name] = obj
         else:
             blobs[name] = pickle.dumps(_to_bytes_keys(obj) if bytes_keys else obj, protocol=2)
+    return write_members(path, 'cifar-100-python', blobs, folder=folder)
+
+
+def write_members(path: Path, top: str, blobs: dict[str, bytes], *, folder: bool) -> Path:
+    """``blobs`` as ``top/<name>`` files: a .tar.gz at ``path``, or an extracted ``path/top/``."""
     if folder:
-        d = path / 'cifar-100-python'
+        d = path / top
         d.mkdir(parents=True)
         for name, blob in blobs.items():
             (d / name).write_bytes(blob)
         return path
     with tarfile.open(path, 'w:gz', compresslevel=1) as tar:  # level 9: 4x the time, 2% smaller
         for name, blob in blobs.items():
-            info = tarfile.TarInfo(f'cifar-100-python/{name}')
+            info = tarfile.TarInfo(f'{top}/{name}')
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return path
@@ -135,18 +140,7 @@ def build_cifar10_archive(path: Path, *, train: list[dict] | None = None, test: 
              pickle.dumps(_to_bytes_keys(obj) if bytes_keys else obj, protocol=2)
              for name, obj in members.items() if name not in drop}
     blobs['readme.html'] = b'<html>synthetic CIFAR-10 for tests</html>'
-    if folder:
-        d = path / 'cifar-10-batches-py'
-        d.mkdir(parents=True)
-        for name, blob in blobs.items():
-            (d / name).write_bytes(blob)
-        return path
-    with tarfile.open(path, 'w:gz', compresslevel=1) as tar:
-        for name, blob in blobs.items():
-            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
+    return write_members(path, 'cifar-10-batches-py', blobs, folder=folder)
 
 
 def make_image_folder(root: Path, *, classes=('cat', 'dog', 'emu'), per_class: int = 12,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CIFAR10, CIFAR100, PY, ROOT, as_cli, build_archive, build_cifar10_archive,
-                      cifar10_batch, images_of, make_image_folder, make_split, run_main, tiny)
+from conftest import (CIFAR10, CIFAR100, as_cli, build_archive, build_cifar10_archive, cifar10_batch,
+                      make_image_folder, make_split, run_main, tiny)
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -290,7 +290,7 @@ def test_image_folder_at_64px_end_to_end(folder64, loader, tmp_path):
                                **{'data.loader': loader, 'data.train_per_class': 0, 'data.test_per_class': 0,
                                   'data.batch_size': 9})
     assert code == 0, err
-    assert f'pets (3 classes, 64x64)' in out and f'{loader} loader' in out
+    assert 'pets (3 classes, 64x64)' in out and f'{loader} loader' in out
     ck = torch.load(run / 'best.pt', weights_only=True, map_location='cpu')
     assert ck['image_size'] == 64 and ck['config']['augment']['translate'] == 8
     assert ck['config']['augment']['cutout'] == 16 and ck['normalization']['mean'] == ck['dataset']['mean']

@@ -302,6 +302,20 @@ def with_values(cfg, values: dict[str, Any]):
     return cfg
 
 
+def for_data(cfg, data):
+    """``cfg`` with what the data decided for the keys left to it (model.num_classes, augment
+    sizes: null = auto), recorded as they ran; :class:`ConfigError` for a key that does not fit
+    the data (a TTA shift of half the image, a batch larger than the training images)."""
+    size = data.dataset.image_size
+    if cfg.training.tta_translate >= size // 2:
+        raise ConfigError(f'training.tta_translate: must lie in [0, {size // 2 - 1}] for '
+                          f'{size}x{size} images, got {cfg.training.tta_translate}')
+    if len(data.train) == 0:
+        raise ConfigError(f'data.batch_size {cfg.data.batch_size} exceeds the '
+                          f'{data.train.num_samples} training images per process')
+    return with_values(cfg, data.resolved)
+
+
 def to_dict(cfg) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -362,4 +376,6 @@ def resume_config(base: dict, overrides: list[str] | None, log=print):
     if noted:
         log('note: resuming with changed ' + ', '.join(f'{k} ({old.get(k)!r} -> {new[k]!r})' for k in noted)
             + ': the result will differ from an uninterrupted run')
-    return cfg
+    # the head's size comes from the data again, so that data of another dataset meets the
+    # checkpoint's own check (state.restore: "trained on ..."), not a bare class-count mismatch
+    return with_values(cfg, {'model.num_classes': None})

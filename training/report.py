@@ -11,30 +11,48 @@ from .budget import format_budget
 from .runtime import dtype_name
 
 
-def start_lines(cfg, data, *, n_params: int, device, dtype, layout: str, world_size: int,
-                workers: int, run_dir: Path, resumed: str | None, position: str) -> list[str]:
-    """The lines a run opens with: resuming from where, the data notices, what trains on what."""
-    lines = [f'resuming {resumed} at {position}'] if resumed else []
+def start_lines(t) -> list[str]:
+    """The lines a run opens with (``t``: the trainer after set-up): resuming from where, the
+    data notices, what trains on what."""
+    cfg, data, device = t.cfg, t.data, t.device
+    lines = [f'resuming {t.resume} at {t.start.describe()}'] if t.resume else []
     lines += list(data.notices)
     steps = len(data.train)
-    lines.append(f'{data.dataset.describe()}: {cfg.model.arch} ({n_params:,} parameters) on {device} '
-                 f'[{dtype_name(dtype)}, {layout}, world size {world_size}], '
+    lines.append(f'{data.dataset.describe()}: {cfg.model.arch} ({t.n_params:,} parameters) on {device} '
+                 f'[{dtype_name(t.dtype)}, {t.layout}, world size {t.info.world_size}], '
                  f'{steps * cfg.data.batch_size:,} training images/process, batch '
                  f'{cfg.data.batch_size}, {steps} steps/epoch, {data.loader} loader with '
-                 f'{workers} workers; run folder {run_dir}')
-    if device.type == 'cpu' and n_params > 5_000_000 and data.train.num_samples > 10_000:
+                 f'{t.workers} workers; run folder {t.run_dir.path}')
+    if device.type == 'cpu' and t.n_params > 5_000_000 and data.train.num_samples > 10_000:
         lines.append('note: training a full-size model on the CPU (no GPU found): expect ~50 images/s '
                      'on 2 cores, ~15 min per 50,000 images. For a quick check use '
                      '--config cpu_small.yaml')
     return lines
 
 
-def progress_bar(mode: bool | None, *, is_main: bool, total: int, initial: int, desc: str):
-    """A tqdm bar over the epoch's batches, on rank 0; ``mode`` None: only on a terminal."""
+def progress_bar(t, epoch: int):
+    """A tqdm bar over the epoch's batches of trainer ``t``, on rank 0; ``output.progress`` null:
+    only on a terminal."""
     from tqdm import tqdm
-    show = is_main and (sys.stderr.isatty() if mode is None else mode)
-    return tqdm(total=total, initial=initial, desc=desc, unit='batch', disable=not show,
+    mode = t.cfg.output.progress
+    show = t.info.is_main and (sys.stderr.isatty() if mode is None else mode)
+    return tqdm(total=len(t.data.train), initial=t.start.batch if epoch == t.start.epoch else 0,
+                desc=f'epoch {epoch + 1}/{t.cfg.training.epochs}', unit='batch', disable=not show,
                 leave=False, dynamic_ncols=True)
+
+
+def check_progress(t, stats, epoch: int, b: int, bar, seconds: float) -> None:
+    """Every few steps of trainer ``t``: stop on a NaN/inf loss (``guards.check_finite``, with
+    the divergence hint); the running loss to the progress bar and the step sinks (the check
+    has synchronized already)."""
+    from .guards import check_finite
+    total = check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {t.step})',
+                         hint=lambda: diverged_hint(t.run_dir.path, lr=t.cfg.training.lr, epoch=epoch))
+    loss, img_s = total / (stats.seen * t.info.world_size), stats.seen / (seconds + stats.seconds)
+    if not bar.disable:
+        bar.set_postfix(img_s=f'{img_s:.0f}', loss=f'{loss:.3f}')
+    if t.runlog.wants_steps:
+        t.runlog.step(t.step, {'train_loss': loss, 'train_images_per_s': img_s})
 
 
 def epoch_record(epoch: int, *, lr: float, totals: dict, top1, top5, seconds: float, wait_s: float,

@@ -137,11 +137,13 @@ class Snapshot:
 
 
 def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None, dataset=None,
-            data_file=None) -> Position:
+            data_file=None, steps_per_epoch: int | None = None) -> Position:
     """Load ``path`` into the model, optimizer, scaler (and EMA), restore the RNG states;
     returns where the run stopped. An inference-only checkpoint cannot be resumed. A checkpoint
     without an EMA resumed with one starts the average from its weights. ``dataset``: what the
-    data files hold (``data_file`` names them): it must be the dataset the run trained on."""
+    data files hold (``data_file`` names them): it must be the dataset the run trained on;
+    ``steps_per_epoch``: what this data, batch size and world size give: the saved step
+    counter and mid-epoch position assume the old ones."""
     ckpt = load_checkpoint(path, map_location='cpu')
     missing = [k for k in RESUME_KEYS if k not in ckpt and k != 'best_top1']  # older files lack it
     if missing:
@@ -164,9 +166,14 @@ def restore(path: str | os.PathLike, *, model, optimizer, scaler, ema=None, data
     if ckpt['scaler'] and scaler.is_enabled():  # empty when saved by a bf16/fp32 run
         scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'])
-    return Position(epoch=ckpt['epoch'], batch=ckpt.get('batch', 0), step=ckpt['step'],
-                    best_top1=ckpt.get('best_top1', 0.0), elapsed_s=ckpt.get('elapsed_s', 0.0),
-                    partial=ckpt.get('partial'))
+    pos = Position(epoch=ckpt['epoch'], batch=ckpt.get('batch', 0), step=ckpt['step'],
+                   best_top1=ckpt.get('best_top1', 0.0), elapsed_s=ckpt.get('elapsed_s', 0.0),
+                   partial=ckpt.get('partial'))
+    if steps_per_epoch is not None and pos.step != pos.epoch * steps_per_epoch + pos.batch:
+        raise ConfigError(f'{path}: saved at step {pos.step} = epoch {pos.epoch} x steps/epoch + batch '
+                          f'{pos.batch}, but this data, batch size and number of processes give '
+                          f'{steps_per_epoch} steps per epoch; resume with the original data and batch size')
+    return pos
 
 
 LOCK_NAME = '.lock'

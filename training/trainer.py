@@ -33,9 +33,9 @@ from model.fileio import DiskFullError
 from . import distributed as D
 from . import report
 from .budget import TimeBudget
-from .config import ROOT, ConfigError, load_config, resume_config, with_values
+from .config import ROOT, for_data, load_config, resume_config
 from .evaluate import evaluate
-from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted, check_finite
+from .guards import CHECK_EVERY, StopRequest, TrainingDiverged, TrainingInterrupted
 from .metrics import EpochStats, summarize
 from .runtime import (configure_backends, resolve_device, resolve_precision, seed_everything, sync,
                       workers_per_process)
@@ -112,15 +112,7 @@ class Trainer:
             self.data = build_data(cfg, device=self.device, dtype=self.dtype, root=ROOT,
                                    workers=self.workers, channels_last=channels_last,
                                    rank=self.info.rank, world_size=self.info.world_size)
-            # the keys left to the data (model.num_classes, augment sizes: null = auto) as they ran
-            self.cfg = cfg = with_values(cfg, self.data.resolved)
-        size = self.data.dataset.image_size
-        if tc.tta_translate >= size // 2:
-            raise ConfigError(f'training.tta_translate: must lie in [0, {size // 2 - 1}] for '
-                              f'{size}x{size} images, got {tc.tta_translate}')
-        if len(self.data.train) == 0:
-            raise ConfigError(f'data.batch_size {cfg.data.batch_size} exceeds the '
-                              f'{self.data.train.num_samples} training images per process')
+            self.cfg = cfg = for_data(cfg, self.data)  # the values the data decided, checked
         with b.span('model_build'):
             self._build_model(channels_last)
         with b.span('logging'):  # an optional sink's import (tensorboard: seconds) counts here
@@ -150,16 +142,8 @@ class Trainer:
         self.start = Position()
         if self.resume:
             self.start = restore(self.resume, model=self.model, optimizer=optimizer,
-                                 scaler=self.train_step.scaler, ema=self.ema,
-                                 dataset=self.data.dataset, data_file=self.data.paths[0])
-            # the saved step counter and mid-epoch position assume the old steps per epoch
-            # (a changed data set, batch size or number of processes would break them)
-            if self.start.step != self.start.epoch * len(self.data.train) + self.start.batch:
-                raise ConfigError(
-                    f'{self.resume}: saved at step {self.start.step} = epoch {self.start.epoch} x '
-                    f'steps/epoch + batch {self.start.batch}, but this data, batch size and number of '
-                    f'processes give {len(self.data.train)} steps per epoch; resume with the original '
-                    f'data and batch size')
+                                 scaler=self.train_step.scaler, ema=self.ema, dataset=self.data.dataset,
+                                 data_file=self.data.paths[0], steps_per_epoch=len(self.data.train))
         self.step, self.best_top1 = self.start.step, self.start.best_top1
         self.run_dir.start(cfg, resumed_epochs=self.start.epoch if self.resume else None)
 
@@ -180,7 +164,8 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg, main = self.cfg, self.info.is_main
-        self._log_start()
+        for line in report.start_lines(self):
+            self.runlog.line(line)
         with self.budget.span('loader_warmup'):
             jit_s = self.data.warm_up()
         setup_s = self.budget.elapsed()
@@ -200,7 +185,7 @@ class Trainer:
     def train_epoch(self, epoch: int, stats: EpochStats) -> None:
         """One optimizer step per batch; the LR schedule is an array of multipliers indexed by step."""
         self.train_step.net.train()
-        bar = self._progress_bar(epoch)
+        bar = report.progress_bar(self, epoch)
         t0, wait0, first, n = time.perf_counter(), stats.wait_s, 0.0, 0
         try:
             for b, (x, y) in self.batches(epoch, stats):
@@ -219,7 +204,7 @@ class Trainer:
                     self.budget.add('first_steps', first)
                     self._timed_first_steps = True
                 if (b + 1) % CHECK_EVERY == 0 or b + 1 == len(self.data.train):
-                    self._check_progress(stats, epoch, b, bar, time.perf_counter() - t0)
+                    report.check_progress(self, stats, epoch, b, bar, time.perf_counter() - t0)
         except _StopAtBatchBoundary:
             self._save_interrupted(epoch, stats, time.perf_counter() - t0)
         finally:
@@ -333,30 +318,7 @@ class Trainer:
                           wait=True)
         raise TrainingInterrupted(self.run_dir.path / 'interrupted.pt')
 
-    def _check_progress(self, stats: EpochStats, epoch: int, b: int, bar, seconds: float) -> None:
-        """Every few steps: stop on a NaN/inf loss; the running loss to the progress bar and the
-        step sinks (the check has synchronized already)."""
-        total = check_finite(stats.loss_sum, where=f'epoch {epoch + 1}, batch {b + 1} (step {self.step})',
-                             hint=lambda: report.diverged_hint(self.run_dir.path, lr=self.cfg.training.lr,
-                                                               epoch=epoch))
-        loss, img_s = total / (stats.seen * self.info.world_size), stats.seen / (seconds + stats.seconds)
-        if not bar.disable:
-            bar.set_postfix(img_s=f'{img_s:.0f}', loss=f'{loss:.3f}')
-        if self.runlog.wants_steps:
-            self.runlog.step(self.step, {'train_loss': loss, 'train_images_per_s': img_s})
 
-    def _progress_bar(self, epoch: int):
-        initial = self.start.batch if epoch == self.start.epoch else 0
-        return report.progress_bar(self.cfg.output.progress, is_main=self.info.is_main,
-                                   total=len(self.data.train), initial=initial,
-                                   desc=f'epoch {epoch + 1}/{self.cfg.training.epochs}')
-
-    def _log_start(self) -> None:
-        for line in report.start_lines(
-                self.cfg, self.data, n_params=self.n_params, device=self.device, dtype=self.dtype,
-                layout=self.layout, world_size=self.info.world_size, workers=self.workers,
-                run_dir=self.run_dir.path, resumed=self.resume, position=self.start.describe()):
-            self.runlog.line(line)
 
 
 def train(config: str | None, overrides: list[str] | None = None, resume: str | None = None,
@@ -364,9 +326,6 @@ def train(config: str | None, overrides: list[str] | None = None, resume: str | 
     """Load the config (or the resumed checkpoint's) and run; returns the summary (rank 0)."""
     if resume:
         cfg = resume_config(load_checkpoint(resume)['config'], overrides, log=log)
-        # the head's size comes from the data again, so that data of another dataset meets the
-        # checkpoint's own check (restore: "trained on ..."), not a bare class-count mismatch
-        cfg = with_values(cfg, {'model.num_classes': None})
         name = Path(resume).resolve().parent.name
     else:
         cfg = load_config(config, overrides)
