@@ -48,7 +48,6 @@ from .export import (MANIFEST, ExportError, _publish, _staging_dir, export, mode
 from .modelcard import model_card, read_run
 from .predictor import Predictor
 
-DEFAULT_ENDPOINT = 'https://huggingface.co'
 LOGIN_HINT = ('log in with `hf auth login` (it saves a token) or set HF_TOKEN to a token with write access '
               '(https://huggingface.co/settings/tokens)')
 KINDS = {'space': 'Space', 'model': 'model repository'}
