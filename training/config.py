@@ -159,20 +159,17 @@ def _merge(base, other, what: str):
 
 def parse_overrides(args: list[str]) -> list[str]:
     """``['--training.epochs', '2', '--a.b=3']`` -> ``['training.epochs=2', 'a.b=3']``."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
+    out, rest = [], iter(args)
+    for a in rest:
         if not a.startswith('--') or len(a) == 2:
             raise ConfigError(f'unexpected argument {a!r}; overrides look like --section.key VALUE')
         a = a[2:]
-        if '=' in a:
-            out.append(a)
-            i += 1
-        elif i + 1 < len(args):
-            out.append(f'{a}={args[i + 1]}')
-            i += 2
-        else:
-            raise ConfigError(f'override --{a} needs a value')
+        if '=' not in a:
+            value = next(rest, None)
+            if value is None:
+                raise ConfigError(f'override --{a} needs a value')
+            a = f'{a}={value}'
+        out.append(a)
     return out
 
 
@@ -181,12 +178,10 @@ def validate(cfg) -> None:
         v = OmegaConf.select(cfg, key)
         if v not in allowed:
             raise ConfigError(f'{key}: {v!r} is not one of {list(allowed)}')
-    for key in POSITIVE:
-        if (v := OmegaConf.select(cfg, key)) is not None and v <= 0:  # None: auto
-            raise ConfigError(f'{key}: must be > 0, got {OmegaConf.select(cfg, key)}')
-    for key in NON_NEGATIVE:
-        if (v := OmegaConf.select(cfg, key)) is not None and v < 0:
-            raise ConfigError(f'{key}: must be >= 0, got {OmegaConf.select(cfg, key)}')
+    for keys, op, bad in ((POSITIVE, '>', lambda v: v <= 0), (NON_NEGATIVE, '>=', lambda v: v < 0)):
+        for key in keys:
+            if (v := OmegaConf.select(cfg, key)) is not None and bad(v):  # None: auto
+                raise ConfigError(f'{key}: must be {op} 0, got {v}')
     if not 0 <= cfg.training.label_smoothing < 1:
         raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
     if not 0 <= cfg.training.ema < 1:
@@ -218,12 +213,11 @@ def _validate_optimizer(tc) -> None:
         if tc[key] not in names:
             raise ConfigError(f'training.{key}: {tc[key]!r} is not one of {sorted(names)}')
     entry, defaults = OPTIMIZERS[tc.optimizer], TrainingConfig()
-    for name, other in OPTIMIZERS.items():
-        for key in set(other.reads) - set(entry.reads):
-            if tc[key] != getattr(defaults, key):
-                users = sorted(n for n, e in OPTIMIZERS.items() if key in e.reads)
-                raise ConfigError(f'training.{key}: only read by training.optimizer {users}, not by '
-                                  f'{tc.optimizer!r}; leave it at its default ({getattr(defaults, key)!r})')
+    for key in sorted({k for e in OPTIMIZERS.values() for k in e.reads} - set(entry.reads)):
+        if tc[key] != getattr(defaults, key):
+            users = sorted(n for n, e in OPTIMIZERS.items() if key in e.reads)
+            raise ConfigError(f'training.{key}: only read by training.optimizer {users}, not by '
+                              f'{tc.optimizer!r}; leave it at its default ({getattr(defaults, key)!r})')
     if tc.fused_sgd and not entry.fused:
         raise ConfigError(f'training.fused_sgd: training.optimizer {tc.optimizer!r} has no SGD to fuse; '
                           f'set training.fused_sgd=false')
@@ -327,16 +321,11 @@ def to_yaml(cfg) -> str:
 # ---- what a resumed run may change (``train.py --resume CKPT --section.key VALUE``) ----------
 # One place for the three lists; README "Stopping and resuming" documents them.
 RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
-    'model.arch': "the checkpoint's weights have another shape",
-    'model.width': "the checkpoint's weights have another shape",
-    'model.num_classes': "the checkpoint's weights have another shape",
+    **dict.fromkeys(('model.arch', 'model.width', 'model.num_classes'), "the checkpoint's weights have another shape"),
     'training.optimizer': "the checkpoint's optimizer state belongs to another optimizer",
-    'data.batch_size': 'the steps per epoch would change, and with them the meaning of the saved '
-                       'step counter, LR schedule position and mid-epoch position',
-    'data.train_per_class': 'the steps per epoch would change, and with them the meaning of the saved '
-                            'step counter, LR schedule position and mid-epoch position',
-    'output.dir': 'a resumed run continues in the folder of its checkpoint',
-    'output.name': 'a resumed run continues in the folder of its checkpoint',
+    **dict.fromkeys(('data.batch_size', 'data.train_per_class'), 'the steps per epoch would change, and with them '
+                    'the meaning of the saved step counter, LR schedule position and mid-epoch position'),
+    **dict.fromkeys(('output.dir', 'output.name'), 'a resumed run continues in the folder of its checkpoint'),
 }
 RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
     'output.progress', 'output.plot', 'output.save_every', 'output.tensorboard', 'data.num_workers',
