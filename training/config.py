@@ -137,11 +137,9 @@ NON_NEGATIVE = ('training.lr', 'training.warmup_epochs', 'training.weight_decay'
 def resolve_config_path(name: str | Path) -> Path:
     """A path as given if it exists, else a bare name looked up in ``configs/``."""
     p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f'{p.name}.yaml'):
-        if cand.is_file():
-            return cand
+    found = next((c for c in (p, CONFIG_DIR / p.name, CONFIG_DIR / f'{p.name}.yaml') if c.is_file()), None)
+    if found is not None:
+        return found
     known = ', '.join(sorted(q.name for q in CONFIG_DIR.glob('*.yaml')))
     raise ConfigError(f'config {str(name)!r} not found (as a path or in configs/: {known})')
 
@@ -337,23 +335,18 @@ RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
 # the keys and saying that the result differs from an uninterrupted run.
 
 
-def _leaves(d: dict, prefix: str = '') -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
+def _leaves(cfg) -> dict[str, Any]:
+    """``{'section.key': value}``: the schema's sections hold no nested sections."""
+    return {f'{s}.{k}': v for s, section in to_dict(cfg).items() for k, v in section.items()}
 
 
 def resume_config(base: dict, overrides: list[str] | None, log=print):
     """The config of a run resumed from a checkpoint whose config is ``base``, with
     ``overrides``: :class:`ConfigError` for a change that cannot work (:data:`RESUME_REFUSED`),
     one logged line for changes that make it another run than the one it continues."""
-    old = _leaves(to_dict(load_config(None, None, base=base)))
+    old = _leaves(load_config(None, None, base=base))
     cfg = load_config(None, overrides, base=base)
-    new = _leaves(to_dict(cfg))
+    new = _leaves(cfg)
     changed = [k for k in new if old.get(k) != new[k]]
     refused = [k for k in changed if k in RESUME_REFUSED]
     if refused:
