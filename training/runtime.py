@@ -32,8 +32,7 @@ def workers_per_process(requested: int) -> int:
 
 
 def mps_available() -> bool:
-    mps = getattr(torch.backends, 'mps', None)
-    return bool(mps and mps.is_available())
+    return torch.backends.mps.is_available()
 
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
