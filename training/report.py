@@ -75,8 +75,7 @@ def epoch_record(epoch: int, *, lr: float, totals: dict, top1, top5, seconds: fl
 
 def epoch_line(record: dict, *, epochs: int) -> str:
     """The log line of one :func:`epoch_record`."""
-    top1 = record['test_top1']
-    t1 = f'{top1:.4f}' if top1 is not None else '-'
+    t1 = '-' if record['test_top1'] is None else f'{record["test_top1"]:.4f}'
     return (f'epoch {record["epoch"]:3d}/{epochs}  lr {record["lr"]:.4f}  '
             f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
             f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '
