@@ -183,11 +183,6 @@ class RunFolderBusy(UserError):
     """Another live process is writing the run folder; one line."""
 
 
-def has_results(path: Path) -> bool:
-    """Does ``path`` hold an earlier run's metrics, summary or checkpoints?"""
-    return any((path / n).exists() for n in RESULT_FILES) or any(path.glob('epoch_*.pt'))
-
-
 def _try_lock(path: Path) -> tuple[int | None, str]:
     """(fd holding an exclusive lock on ``path/.lock``, '') or (None, what the holder wrote)."""
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -236,8 +231,8 @@ class RunFolder:
                     raise RunFolderBusy(f'{cand}: another run is writing this folder ({owner or "pid unknown"}); '
                                         f'wait for it to end, or give this run another --output.name')
                 continue
-            if resume or not has_results(cand):
-                break
+            if resume or not (any((cand / n).exists() for n in RESULT_FILES) or any(cand.glob('epoch_*.pt'))):
+                break  # resuming, or no earlier run's metrics, summary or checkpoints here
             os.close(fd)  # an earlier run's results: never replaced without being asked
         if cand != path:
             ckpt = next((path / n for n in ('interrupted.pt', 'last.pt') if (path / n).is_file()), None)
