@@ -157,8 +157,7 @@ def plot_budgets(ax, labels: list[str], budgets: list[dict]) -> None:
             left = [a + w for a, w in zip(left, widths)]
     ax.set_yticks(range(len(budgets)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel('seconds from process start')
-    ax.set_title('time budget')
+    ax.set(xlabel='seconds from process start', title='time budget')
     ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
 
 

@@ -15,8 +15,7 @@ def start_lines(t) -> list[str]:
     """The lines a run opens with (``t``: the trainer after set-up): resuming from where, the
     data notices, what trains on what."""
     cfg, data, device = t.cfg, t.data, t.device
-    lines = [f'resuming {t.resume} at {t.start.describe()}'] if t.resume else []
-    lines += list(data.notices)
+    lines = ([f'resuming {t.resume} at {t.start.describe()}'] if t.resume else []) + list(data.notices)
     steps = len(data.train)
     lines.append(f'{data.dataset.describe()}: {cfg.model.arch} ({t.n_params:,} parameters) on {device} '
                  f'[{dtype_name(t.dtype)}, {t.layout}, world size {t.info.world_size}], '
