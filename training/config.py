@@ -173,8 +173,7 @@ def parse_overrides(args: list[str]) -> list[str]:
 
 def validate(cfg) -> None:
     for key, allowed in CHOICES.items():
-        v = OmegaConf.select(cfg, key)
-        if v not in allowed:
+        if (v := OmegaConf.select(cfg, key)) not in allowed:
             raise ConfigError(f'{key}: {v!r} is not one of {list(allowed)}')
     for keys, op, bad in ((POSITIVE, '>', lambda v: v <= 0), (NON_NEGATIVE, '>=', lambda v: v < 0)):
         for key in keys:
@@ -240,8 +239,7 @@ RENAMED = {'training.lr_schedule': 'training.schedule'}  # old key -> new: old c
 def _migrate(d, what: str):
     """``d`` (a file's or a checkpoint's config) with renamed keys under their new names."""
     for old, new in RENAMED.items():
-        value = OmegaConf.select(d, old, default='__missing__')
-        if value == '__missing__':
+        if (value := OmegaConf.select(d, old, default='__missing__')) == '__missing__':
             continue
         section, old_key = old.split('.')
         if OmegaConf.select(d, new, default=value) != value:
