@@ -24,9 +24,6 @@ SINKS = {  # output.<key> (a bool) -> the sink, built with (run folder path, res
 }
 
 
-METHODS = ('line', 'step', 'epoch', 'summary', 'close')
-
-
 class Sink:
     def line(self, text: str) -> None: ...
     def step(self, step: int, scalars: dict) -> None: ...
@@ -41,24 +38,35 @@ def _overrides(sink, method: str) -> bool:
     return own is not None and own is not getattr(Sink, method)
 
 
-def _fan_out(method: str):
-    """RunLog's ``method``: the same call on every sink that takes it, in order."""
-    def call(self, *args) -> None:
-        for take in self._takes[method]:
-            take(*args)
-    return call
-
-
 class RunLog:
     """Fans each record out to the sinks that take it (in order: the JSONL file before the console
     line, so a printed epoch is on disk)."""
 
     def __init__(self, sinks: list):
         self.sinks = list(sinks)
-        self._takes = {m: [getattr(s, m) for s in self.sinks if _overrides(s, m)] for m in METHODS}
+        self._takes = {m: [s for s in self.sinks if _overrides(s, m)]
+                       for m in ('line', 'step', 'epoch', 'summary', 'close')}
         self.wants_steps = bool(self._takes['step'])  # the trainer builds step records only then
 
-    line, step, epoch, summary, close = map(_fan_out, METHODS)
+    def line(self, text: str) -> None:
+        for s in self._takes['line']:
+            s.line(text)
+
+    def step(self, step: int, scalars: dict) -> None:
+        for s in self._takes['step']:
+            s.step(step, scalars)
+
+    def epoch(self, step: int, record: dict) -> None:
+        for s in self._takes['epoch']:
+            s.epoch(step, record)
+
+    def summary(self, step: int, summary: dict) -> None:
+        for s in self._takes['summary']:
+            s.summary(step, summary)
+
+    def close(self) -> None:
+        for s in self._takes['close']:
+            s.close()
 
 
 def open_runlog(cfg, run_dir, *, console, extra=(), is_main: bool = True, resumed_at: int | None = None) -> RunLog:
