@@ -137,11 +137,9 @@ NON_NEGATIVE = ('training.lr', 'training.warmup_epochs', 'training.weight_decay'
 def resolve_config_path(name: str | Path) -> Path:
     """A path as given if it exists, else a bare name looked up in ``configs/``."""
     p = Path(name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f'{p.name}.yaml'):
-        if cand.is_file():
-            return cand
+    found = next((c for c in (p, CONFIG_DIR / p.name, CONFIG_DIR / f'{p.name}.yaml') if c.is_file()), None)
+    if found is not None:
+        return found
     known = ', '.join(sorted(q.name for q in CONFIG_DIR.glob('*.yaml')))
     raise ConfigError(f'config {str(name)!r} not found (as a path or in configs/: {known})')
 
@@ -159,34 +157,28 @@ def _merge(base, other, what: str):
 
 def parse_overrides(args: list[str]) -> list[str]:
     """``['--training.epochs', '2', '--a.b=3']`` -> ``['training.epochs=2', 'a.b=3']``."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
+    out, rest = [], iter(args)
+    for a in rest:
         if not a.startswith('--') or len(a) == 2:
             raise ConfigError(f'unexpected argument {a!r}; overrides look like --section.key VALUE')
         a = a[2:]
-        if '=' in a:
-            out.append(a)
-            i += 1
-        elif i + 1 < len(args):
-            out.append(f'{a}={args[i + 1]}')
-            i += 2
-        else:
-            raise ConfigError(f'override --{a} needs a value')
+        if '=' not in a:
+            value = next(rest, None)
+            if value is None:
+                raise ConfigError(f'override --{a} needs a value')
+            a = f'{a}={value}'
+        out.append(a)
     return out
 
 
 def validate(cfg) -> None:
     for key, allowed in CHOICES.items():
-        v = OmegaConf.select(cfg, key)
-        if v not in allowed:
+        if (v := OmegaConf.select(cfg, key)) not in allowed:
             raise ConfigError(f'{key}: {v!r} is not one of {list(allowed)}')
-    for key in POSITIVE:
-        if (v := OmegaConf.select(cfg, key)) is not None and v <= 0:  # None: auto
-            raise ConfigError(f'{key}: must be > 0, got {OmegaConf.select(cfg, key)}')
-    for key in NON_NEGATIVE:
-        if (v := OmegaConf.select(cfg, key)) is not None and v < 0:
-            raise ConfigError(f'{key}: must be >= 0, got {OmegaConf.select(cfg, key)}')
+    for keys, op, bad in ((POSITIVE, '>', lambda v: v <= 0), (NON_NEGATIVE, '>=', lambda v: v < 0)):
+        for key in keys:
+            if (v := OmegaConf.select(cfg, key)) is not None and bad(v):  # None: auto
+                raise ConfigError(f'{key}: must be {op} 0, got {v}')
     if not 0 <= cfg.training.label_smoothing < 1:
         raise ConfigError(f'training.label_smoothing: must lie in [0, 1), got {cfg.training.label_smoothing}')
     if not 0 <= cfg.training.ema < 1:
@@ -218,12 +210,11 @@ def _validate_optimizer(tc) -> None:
         if tc[key] not in names:
             raise ConfigError(f'training.{key}: {tc[key]!r} is not one of {sorted(names)}')
     entry, defaults = OPTIMIZERS[tc.optimizer], TrainingConfig()
-    for name, other in OPTIMIZERS.items():
-        for key in set(other.reads) - set(entry.reads):
-            if tc[key] != getattr(defaults, key):
-                users = sorted(n for n, e in OPTIMIZERS.items() if key in e.reads)
-                raise ConfigError(f'training.{key}: only read by training.optimizer {users}, not by '
-                                  f'{tc.optimizer!r}; leave it at its default ({getattr(defaults, key)!r})')
+    for key in sorted({k for e in OPTIMIZERS.values() for k in e.reads} - set(entry.reads)):
+        if tc[key] != getattr(defaults, key):
+            users = sorted(n for n, e in OPTIMIZERS.items() if key in e.reads)
+            raise ConfigError(f'training.{key}: only read by training.optimizer {users}, not by '
+                              f'{tc.optimizer!r}; leave it at its default ({getattr(defaults, key)!r})')
     if tc.fused_sgd and not entry.fused:
         raise ConfigError(f'training.fused_sgd: training.optimizer {tc.optimizer!r} has no SGD to fuse; '
                           f'set training.fused_sgd=false')
@@ -248,8 +239,7 @@ RENAMED = {'training.lr_schedule': 'training.schedule'}  # old key -> new: old c
 def _migrate(d, what: str):
     """``d`` (a file's or a checkpoint's config) with renamed keys under their new names."""
     for old, new in RENAMED.items():
-        value = OmegaConf.select(d, old, default='__missing__')
-        if value == '__missing__':
+        if (value := OmegaConf.select(d, old, default='__missing__')) == '__missing__':
             continue
         section, old_key = old.split('.')
         if OmegaConf.select(d, new, default=value) != value:
@@ -327,16 +317,11 @@ def to_yaml(cfg) -> str:
 # ---- what a resumed run may change (``train.py --resume CKPT --section.key VALUE``) ----------
 # One place for the three lists; README "Stopping and resuming" documents them.
 RESUME_REFUSED = {  # cannot work: one line naming the key, nothing starts
-    'model.arch': "the checkpoint's weights have another shape",
-    'model.width': "the checkpoint's weights have another shape",
-    'model.num_classes': "the checkpoint's weights have another shape",
+    **dict.fromkeys(('model.arch', 'model.width', 'model.num_classes'), "the checkpoint's weights have another shape"),
     'training.optimizer': "the checkpoint's optimizer state belongs to another optimizer",
-    'data.batch_size': 'the steps per epoch would change, and with them the meaning of the saved '
-                       'step counter, LR schedule position and mid-epoch position',
-    'data.train_per_class': 'the steps per epoch would change, and with them the meaning of the saved '
-                            'step counter, LR schedule position and mid-epoch position',
-    'output.dir': 'a resumed run continues in the folder of its checkpoint',
-    'output.name': 'a resumed run continues in the folder of its checkpoint',
+    **dict.fromkeys(('data.batch_size', 'data.train_per_class'), 'the steps per epoch would change, and with them '
+                    'the meaning of the saved step counter, LR schedule position and mid-epoch position'),
+    **dict.fromkeys(('output.dir', 'output.name'), 'a resumed run continues in the folder of its checkpoint'),
 }
 RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
     'output.progress', 'output.plot', 'output.save_every', 'output.tensorboard', 'data.num_workers',
@@ -348,23 +333,18 @@ RESUME_HARMLESS = (  # change nothing the run computes: accepted quietly
 # the keys and saying that the result differs from an uninterrupted run.
 
 
-def _leaves(d: dict, prefix: str = '') -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f'{prefix}{k}.'))
-        else:
-            out[f'{prefix}{k}'] = v
-    return out
+def _leaves(cfg) -> dict[str, Any]:
+    """``{'section.key': value}``: the schema's sections hold no nested sections."""
+    return {f'{s}.{k}': v for s, section in to_dict(cfg).items() for k, v in section.items()}
 
 
 def resume_config(base: dict, overrides: list[str] | None, log=print):
     """The config of a run resumed from a checkpoint whose config is ``base``, with
     ``overrides``: :class:`ConfigError` for a change that cannot work (:data:`RESUME_REFUSED`),
     one logged line for changes that make it another run than the one it continues."""
-    old = _leaves(to_dict(load_config(None, None, base=base)))
+    old = _leaves(load_config(None, None, base=base))
     cfg = load_config(None, overrides, base=base)
-    new = _leaves(to_dict(cfg))
+    new = _leaves(cfg)
     changed = [k for k in new if old.get(k) != new[k]]
     refused = [k for k in changed if k in RESUME_REFUSED]
     if refused:

@@ -57,11 +57,6 @@ class EMA:
                            [dst[k].data for k in rest], [src[k].data for k in rest], model)
         return self._lists
 
-    def current_decay(self) -> float:
-        """The decay of the next update (per update: the per-step decay ** every, warmed up)."""
-        n = self.updates
-        return min(self.decay ** self.every, (1 + n) / (10 + n))
-
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Average in ``model``'s weights if ``step`` (optimizer steps taken) is a multiple of
@@ -70,7 +65,9 @@ class EMA:
         if step % self.every:
             return
         avg, avg_src, copied, copied_src, _ = self._targets(model)
-        torch._foreach_lerp_(avg, avg_src, 1.0 - self.current_decay())
+        # this update's decay: the per-step decay ** every, warmed up over the first updates
+        decay = min(self.decay ** self.every, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(avg, avg_src, 1.0 - decay)
         if copied:  # BatchNorm's num_batches_tracked: one launch, not one per layer
             torch._foreach_copy_(copied, copied_src)
         self.updates += 1

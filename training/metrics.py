@@ -81,21 +81,6 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
 
 
-def time_to_target(records: list[dict], target: float) -> tuple[float | None, int | None]:
-    """(wall-clock seconds, epoch) at which test top-1 first reached ``target``."""
-    for r in records:
-        if r.get('test_top1') is not None and r['test_top1'] >= target:
-            return r['wallclock_s'], r['epoch']
-    return None, None
-
-
-def train_seconds_through(records: list[dict], epoch: int | None) -> float | None:
-    """Training-loop seconds (``epoch_seconds``) summed over the epochs up to ``epoch``."""
-    if epoch is None:
-        return None
-    return round(sum(r['epoch_seconds'] for r in records if r['epoch'] <= epoch), 3)
-
-
 def median_after_first(records: list[dict], key: str) -> float | None:
     """Median of ``key`` over the epochs after the first (the first one carries cuDNN
     autotuning and allocator warm-up); the first epoch's when it is the only one."""
@@ -105,15 +90,17 @@ def median_after_first(records: list[dict], key: str) -> float | None:
 
 def summarize(records: list[dict], *, target: float, **extra) -> dict:
     """The run summary from its per-epoch records; ``extra`` adds run facts (device, ...)."""
-    tt, te = time_to_target(records, target)
     evals = [r for r in records if r.get('test_top1') is not None]
-    best = max(evals, key=lambda r: r['test_top1']) if evals else None
+    best = max(evals, key=lambda r: r['test_top1'], default=None)
+    hit = next((r for r in evals if r['test_top1'] >= target), None)  # test top-1 first reached target
     return {
         'best_top1': best and best['test_top1'], 'best_epoch': best and best['epoch'],
         'final_top1': evals[-1]['test_top1'] if evals else None,
         'final_top5': evals[-1]['test_top5'] if evals else None,
-        'target_top1': target, 'time_to_target_s': tt, 'epoch_reached_target': te,
-        'train_seconds_to_target': train_seconds_through(records, te),
+        'target_top1': target, 'time_to_target_s': hit and hit['wallclock_s'],
+        'epoch_reached_target': hit and hit['epoch'],  # training loops only through it: epoch_seconds
+        'train_seconds_to_target': hit and round(sum(r['epoch_seconds'] for r in records
+                                                     if r['epoch'] <= hit['epoch']), 3),
         'train_seconds': round(sum(r['epoch_seconds'] for r in records), 3),
         'eval_seconds': round(sum(r['eval_seconds'] for r in records), 3),
         'median_train_images_per_s': median_after_first(records, 'train_images_per_s'),
@@ -149,10 +136,7 @@ def plot_curves(records: list[dict], path: Path, *, title: str = '', target: flo
         ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend()
     axes[3].plot(ep, [r['train_images_per_s'] for r in records], 'o-', color='C2')
     axes[3].set_xlabel('epoch'), axes[3].set_ylabel('training images/s')
-    if budget:
-        plot_budgets(axes[4], ['this run'], [budget])
-    else:
-        axes[4].set_axis_off()
+    plot_budgets(axes[4], ['this run'], [budget] if budget else [])  # none: the axes off
     if title:
         fig.suptitle(title)
     save_figure(fig, path)
@@ -173,8 +157,7 @@ def plot_budgets(ax, labels: list[str], budgets: list[dict]) -> None:
             left = [a + w for a, w in zip(left, widths)]
     ax.set_yticks(range(len(budgets)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel('seconds from process start')
-    ax.set_title('time budget')
+    ax.set(xlabel='seconds from process start', title='time budget')
     ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.18), ncol=5, frameon=False)
 
 

@@ -15,8 +15,7 @@ def start_lines(t) -> list[str]:
     """The lines a run opens with (``t``: the trainer after set-up): resuming from where, the
     data notices, what trains on what."""
     cfg, data, device = t.cfg, t.data, t.device
-    lines = [f'resuming {t.resume} at {t.start.describe()}'] if t.resume else []
-    lines += list(data.notices)
+    lines = ([f'resuming {t.resume} at {t.start.describe()}'] if t.resume else []) + list(data.notices)
     steps = len(data.train)
     lines.append(f'{data.dataset.describe()}: {cfg.model.arch} ({t.n_params:,} parameters) on {device} '
                  f'[{dtype_name(t.dtype)}, {t.layout}, world size {t.info.world_size}], '
@@ -75,8 +74,7 @@ def epoch_record(epoch: int, *, lr: float, totals: dict, top1, top5, seconds: fl
 
 def epoch_line(record: dict, *, epochs: int) -> str:
     """The log line of one :func:`epoch_record`."""
-    top1 = record['test_top1']
-    t1 = f'{top1:.4f}' if top1 is not None else '-'
+    t1 = '-' if record['test_top1'] is None else f'{record["test_top1"]:.4f}'
     return (f'epoch {record["epoch"]:3d}/{epochs}  lr {record["lr"]:.4f}  '
             f'loss {record["train_loss"]:.4f}  train {record["train_acc"]:.4f}  '
             f'test top-1 {t1}  {record["train_images_per_s"]:,.0f} img/s  '

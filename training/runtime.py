@@ -26,14 +26,11 @@ def usable_cores() -> int:
 def workers_per_process(requested: int) -> int:
     """``requested`` if > 0, else all usable cores shared among the processes torchrun started
     on this node (``-1``, the convention of every script: all cores)."""
-    if requested > 0:
-        return requested
-    return max(1, usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    return requested if requested > 0 else max(1, usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 
 def mps_available() -> bool:
-    mps = getattr(torch.backends, 'mps', None)
-    return bool(mps and mps.is_available())
+    return torch.backends.mps.is_available()
 
 
 def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:

@@ -60,9 +60,8 @@ def get_rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in st['python']))
-    np_state = list(st['numpy'])
-    np_state[1] = np_state[1].numpy()
-    np.random.set_state(tuple(np_state))
+    kind, keys, *rest = st['numpy']
+    np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(st['torch'])
     if isinstance(st.get('cuda'), torch.Tensor) and torch.cuda.is_available():
         torch.cuda.set_rng_state(st['cuda'])
@@ -184,11 +183,6 @@ class RunFolderBusy(UserError):
     """Another live process is writing the run folder; one line."""
 
 
-def has_results(path: Path) -> bool:
-    """Does ``path`` hold an earlier run's metrics, summary or checkpoints?"""
-    return any((path / n).exists() for n in RESULT_FILES) or any(path.glob('epoch_*.pt'))
-
-
 def _try_lock(path: Path) -> tuple[int | None, str]:
     """(fd holding an exclusive lock on ``path/.lock``, '') or (None, what the holder wrote)."""
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -237,8 +231,8 @@ class RunFolder:
                     raise RunFolderBusy(f'{cand}: another run is writing this folder ({owner or "pid unknown"}); '
                                         f'wait for it to end, or give this run another --output.name')
                 continue
-            if resume or not has_results(cand):
-                break
+            if resume or not (any((cand / n).exists() for n in RESULT_FILES) or any(cand.glob('epoch_*.pt'))):
+                break  # resuming, or no earlier run's metrics, summary or checkpoints here
             os.close(fd)  # an earlier run's results: never replaced without being asked
         if cand != path:
             ckpt = next((path / n for n in ('interrupted.pt', 'last.pt') if (path / n).is_file()), None)
@@ -286,7 +280,7 @@ class RunFolder:
             return
         self.wait()
         ckpt = self.snapshot(ckpt)
-        self._writer = threading.Thread(target=self._write_in_background, args=(ckpt, names),
+        self._writer = threading.Thread(target=self._write, args=(ckpt, names),
                                         name=f'checkpoint {names[0]}')  # not a daemon: exit waits
         self._writer.start()
         if wait:
@@ -304,26 +298,24 @@ class RunFolder:
             if not (unless_failing and sys.exc_info()[1] is not None):
                 raise error
 
-    def _write_in_background(self, ckpt: dict, names: tuple[str, ...]) -> None:
-        try:
-            self._write(ckpt, names)
-        except BaseException as e:  # raised in the main thread by the next save() or wait()
-            self._error = e
-
     def _write(self, ckpt: dict, names: tuple[str, ...]) -> None:
-        """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names."""
-        first = self.path / names[0]
-        atomic_write(first, lambda f: self.serialize(ckpt, f))
-        for n in names[1:]:
-            tmp = self.path / f'.{n}.link-{os.getpid()}'
-            try:
-                tmp.unlink(missing_ok=True)
-                os.link(first, tmp)
-                os.replace(tmp, self.path / n)
-            except OSError:  # no hard links on this filesystem: a copy
-                tmp.unlink(missing_ok=True)
-                with open(first, 'rb') as src:
-                    atomic_write(self.path / n, lambda f: shutil.copyfileobj(src, f))
+        """Serialize once (~90 MB for ResNet-18 with momentum), then hard-link the other names
+        (on the background thread: an error is raised in the main thread by the next save() or wait())."""
+        try:
+            first = self.path / names[0]
+            atomic_write(first, lambda f: self.serialize(ckpt, f))
+            for n in names[1:]:
+                tmp = self.path / f'.{n}.link-{os.getpid()}'
+                try:
+                    tmp.unlink(missing_ok=True)
+                    os.link(first, tmp)
+                    os.replace(tmp, self.path / n)
+                except OSError:  # no hard links on this filesystem: a copy
+                    tmp.unlink(missing_ok=True)
+                    with open(first, 'rb') as src:
+                        atomic_write(self.path / n, lambda f: shutil.copyfileobj(src, f))
+        except BaseException as e:
+            self._error = e
 
     def discard(self, name: str) -> None:
         if self.is_main:

@@ -41,10 +41,19 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step with every group at ``peak_lr * scale``; returns (loss, logits), detached,
         not synchronized."""
-        if self.cuda_graph:
-            return self._graphed(x, y, float(scale))
-        for g in self.optimizer.param_groups:
-            g['lr'] = g['peak_lr'] * float(scale)  # a numpy scalar would not load with weights_only
+        if not self.cuda_graph:
+            for g in self.optimizer.param_groups:
+                g['lr'] = g['peak_lr'] * float(scale)  # a numpy scalar would not load with weights_only
+        else:  # training.cuda_graph: capture once, then replay
+            if self.graph is None:
+                self._capture(x, y)
+            for peak, lr_t in self.lr_t.items():
+                lr_t.fill_(peak * float(scale))
+            if x.shape == self.static_x.shape:  # always with drop_last; else the eager step below
+                self.static_x.copy_(x, non_blocking=True)
+                self.static_y.copy_(y, non_blocking=True)
+                self.graph.replay()
+                return self.static_loss.clone(), self.static_logits.clone()  # the next replay overwrites them
         loss, logits = self._step(x, y)
         return loss.detach(), logits.detach()
 
@@ -68,19 +77,6 @@ class TrainStep:
         return loss, logits
 
     # ---- CUDA graph (training.cuda_graph) --------------------------------------------------------
-    def _graphed(self, x, y, scale: float):
-        if self.graph is None:
-            self._capture(x, y)
-        for peak, lr_t in self.lr_t.items():
-            lr_t.fill_(peak * scale)
-        if x.shape != self.static_x.shape:  # cannot happen with drop_last; stay correct anyway
-            loss, logits = self._step(x, y)
-            return loss.detach(), logits.detach()
-        self.static_x.copy_(x, non_blocking=True)
-        self.static_y.copy_(y, non_blocking=True)
-        self.graph.replay()
-        return self.static_loss.clone(), self.static_logits.clone()  # the next replay overwrites them
-
     def _capture(self, x, y):
         """Warm up on a side stream (cuDNN autotuning, momentum buffers), put every weight,
         buffer and momentum back as it was -- the warm-up steps must not count as training --

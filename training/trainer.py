@@ -186,9 +186,9 @@ class Trainer:
         """One optimizer step per batch; the LR schedule is an array of multipliers indexed by step."""
         self.train_step.net.train()
         bar = report.progress_bar(self, epoch)
-        t0, wait0, first, n = time.perf_counter(), stats.wait_s, 0.0, 0
+        t0, wait0, first = time.perf_counter(), stats.wait_s, 0.0
         try:
-            for b, (x, y) in self.batches(epoch, stats):
+            for n, (b, (x, y)) in enumerate(self.batches(epoch, stats), 1):
                 loss, logits = self.train_step(x, y, self.lr_scale[self.step])
                 self.step += 1
                 if self.ema:
@@ -197,7 +197,6 @@ class Trainer:
                     self.runlog.step(self.step, self.train_step.lrs(self.lr_scale[self.step - 1]))
                 stats.add(loss, logits, y)
                 bar.update(1)
-                n += 1
                 if n == FIRST_STEPS and not self._timed_first_steps:  # once per process: cuDNN
                     sync(self.device)  # autotunes, the allocator grows, in these steps
                     first = time.perf_counter() - t0 - (stats.wait_s - wait0)
@@ -251,11 +250,9 @@ class Trainer:
         cfg = self.cfg
         tot = stats.reduced()
         last = epoch + 1 == cfg.training.epochs
-        top1 = top5 = None
-        eval_s, n_test = 0.0, 0
-        if (epoch + 1) % cfg.training.eval_every == 0 or last:
-            top1, top5, eval_s, n_test = self.evaluate()
-            self.budget.add('evaluation', eval_s)
+        evaluated = (epoch + 1) % cfg.training.eval_every == 0 or last
+        top1, top5, eval_s, n_test = self.evaluate() if evaluated else (None, None, 0.0, 0)
+        self.budget.add('evaluation', eval_s)
         wallclock, raw_top1 = self._elapsed(), None  # the clock before the raw model's evaluation:
         if self.ema and last:  # did the average pay? (not on the time to target; an evaluation)
             raw_top1, _, raw_s, _ = self.evaluate(raw=True)

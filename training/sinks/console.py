@@ -2,6 +2,7 @@
 words them)."""
 from __future__ import annotations
 
+from ..report import done_lines, epoch_line
 from . import Sink
 
 
@@ -13,10 +14,8 @@ class ConsoleSink(Sink):
         self.log(text)
 
     def epoch(self, step: int, record: dict) -> None:
-        from ..report import epoch_line
         self.log(epoch_line(record, epochs=self.epochs))
 
     def summary(self, step: int, summary: dict) -> None:
-        from ..report import done_lines
         for line in done_lines(summary):
             self.log(line)
