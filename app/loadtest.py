@@ -130,12 +130,10 @@ def default_images(out_dir: Path, count: int = 8) -> list[str]:
     from PIL import Image
     rng = np.random.default_rng(0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        p = out_dir / f'synthetic_{i}.png'
+    paths = [out_dir / f'synthetic_{i}.png' for i in range(count)]
+    for p in paths:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+    return [str(p) for p in paths]
 
 
 def _failure(result) -> str | None:

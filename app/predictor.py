@@ -157,16 +157,13 @@ class Predictor:
     def preprocess(self, images: Iterable[Any], names: Sequence[str | None] | None = None
                    ) -> tuple[np.ndarray, list[list[str]]]:
         """Images -> (normalized N x 3 x S x S float32 batch at the model's size, notes per image)."""
-        arrays, notes = [], []
         images = list(images)
         names = list(names) if names is not None else [None] * len(images)
-        for img, name in zip(images, names):
-            a, n = prepare_image(img, size=self.image_size, name=name)
-            arrays.append(a)
-            notes.append(n)
-        if not arrays:
+        prepared = [prepare_image(img, size=self.image_size, name=name) for img, name in zip(images, names)]
+        if not prepared:
             raise ImageError('no images given')
-        return normalize(np.stack(arrays), self.mean, self.std, self.scale), notes
+        arrays, notes = zip(*prepared)
+        return normalize(np.stack(arrays), self.mean, self.std, self.scale), list(notes)
 
     def predict(self, image: Any, topk: int | None = None, *, name: str | None = None) -> Prediction:
         """One image (path, bytes, PIL image or numpy array) -> :class:`Prediction`."""
