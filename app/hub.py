@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -43,8 +42,8 @@ from model.fileio import atomic_write, atomic_write_text
 from model.modelfile import CONFIG_NAME, WEIGHTS_NAME, load_model_folder, load_model_file, save_model_folder
 from model.project import PROJECT_ROOT as ROOT
 
-from .export import (MANIFEST, ExportError, _publish, _staging_dir, export, model_example_dirs, onnx_bytes,
-                     verification_images, verify_onnx)
+from .export import (MANIFEST, ExportError, _staged, export, model_example_dirs, onnx_bytes, verification_images,
+                     verify_onnx)
 from .modelcard import model_card, read_run
 from .predictor import Predictor
 
@@ -91,8 +90,8 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = slim_checkpoint(load_model_file(checkpoint), fp16=fp16)
     model = model_from_checkpoint(ckpt, what=str(checkpoint))  # fits its metadata, before any work
-    stage = _staging_dir(out)
-    try:
+    manifest: dict = {}  # filled once the files are checked, written and published by _staged
+    with _staged(out, manifest, force=force) as stage:
         save_model_folder(ckpt, stage)
         images, source = verification_images(model_example_dirs(ckpt) if example_dirs is None else example_dirs,
                                              size=ckpt['image_size'])
@@ -107,8 +106,8 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         log(f'{WEIGHTS_NAME}: {(stage / WEIGHTS_NAME).stat().st_size / 2**20:.1f} MiB'
             f'{" (float16 weights)" if fp16 else ""}; with {CONFIG_NAME}, the same logits as the checkpoint '
             f'on {len(x)} images')
-        manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'repo_id': repo_id,
-                          'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}
+        manifest.update({'source': str(checkpoint), 'fp16': fp16, 'repo_id': repo_id,
+                         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')})
         if onnx_file is not None:
             atomic_write(stage / 'model.onnx', lambda f: f.write(Path(onnx_file).read_bytes()))
             manifest['onnx'] = f'copied from {onnx_file} (verified there)'
@@ -121,12 +120,6 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         card = model_card(ckpt, run, repo_id, files=MODEL_REPO_FILES, parameters=count_parameters(model))
         atomic_write_text(stage / 'README.md', card)
         manifest['run'] = str(run.folder) if run.folder is not None else None
-        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file()] + [MANIFEST])
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
-        _publish(stage, out, force=force)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log(f'wrote {out}/ ({", ".join(manifest["files"])})')
     return manifest
 
@@ -136,16 +129,10 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
 def _endpoint(endpoint: str | None) -> str:
     """The Hub's address: ``endpoint``, else ``HF_ENDPOINT`` as it is now (huggingface_hub reads it
     once, at import), else huggingface_hub's default."""
-    if endpoint:
-        return endpoint.rstrip('/')
-    if os.environ.get('HF_ENDPOINT'):
-        return os.environ['HF_ENDPOINT'].rstrip('/')
-    from huggingface_hub import constants
-    return constants.ENDPOINT.rstrip('/')
-
-
-def repo_url(endpoint: str, repo_id: str, repo_type: str) -> str:
-    return f'{endpoint}/{"spaces/" if repo_type == "space" else ""}{repo_id}'
+    if not endpoint:
+        from huggingface_hub import constants
+        endpoint = os.environ.get('HF_ENDPOINT') or constants.ENDPOINT
+    return endpoint.rstrip('/')
 
 
 def _chain(e: BaseException):
@@ -242,11 +229,7 @@ def push(api, folder: Path, repo_id: str, repo_type: str, files: list[str], *, e
         if line is None:
             raise
         raise line from None
-    return repo_url(endpoint, repo_id, repo_type)
-
-
-def _listed_files(folder: Path) -> list[str]:
-    return json.loads((folder / MANIFEST).read_text())['files']
+    return f'{endpoint}/{"spaces/" if repo_type == "space" else ""}{repo_id}'  # the repository's URL
 
 
 def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: str | None = None,
@@ -291,7 +274,7 @@ def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: s
         if not repo_id:
             continue
         folder = folders[repo_type]
-        files = _listed_files(folder)
+        files = json.loads((folder / MANIFEST).read_text())['files']  # what the export wrote
         size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
         log(f'uploading {len(files)} files ({size / 2**20:.1f} MiB) from {folder} to the {KINDS[repo_type]} {repo_id}')
         uploaded = ' and '.join(f'the {KINDS[k]} {urls[k]}' for k in urls)
