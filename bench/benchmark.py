@@ -235,12 +235,6 @@ class _Slowed:
             time.sleep(self.delay_s)
             yield batch
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def close(self) -> None:
-        self.loader.close()
-
 
 class _PilDataset(torch.utils.data.Dataset):
     """What torchvision's CIFAR datasets do per item: a uint8 array -> PIL image -> transform."""
