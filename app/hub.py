@@ -27,6 +27,7 @@ in one line (``HubError``, exit 2 through ``scripts/_cli``) naming the repositor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -158,10 +159,8 @@ def _status(e: BaseException) -> tuple[int, str] | None:
         return None
     message = getattr(e, 'server_message', None) or ''
     if not message:
-        try:
+        with contextlib.suppress(Exception):  # a body that is not JSON: the status line says enough
             message = str(e.response.json().get('error', ''))
-        except Exception:  # a body that is not JSON: the status line says enough
-            message = ''
     return e.response.status_code, ' '.join(message.split())[:300]
 
 

@@ -83,12 +83,9 @@ def _app_process(checkpoint, host, port, timeout, env, app_file, args, log):
                         yield None
                         return
                     raise RuntimeError(f'app exited with code {proc.returncode}:\n{output[-3000:]}')
-                try:
-                    with urllib.request.urlopen(url + '/', timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError), urllib.request.urlopen(url + '/', timeout=2) as r:
+                    if r.status == 200:
+                        break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f'app did not answer at {url} within {timeout:.0f} s')
                 time.sleep(0.25)
