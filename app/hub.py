@@ -184,6 +184,18 @@ def explain(e: BaseException, *, doing: str, endpoint: str, where: str) -> HubEr
     return None
 
 
+@contextlib.contextmanager
+def _explained(doing: str, endpoint: str, where: str):
+    """A failed Hub call in the block becomes its one line (:func:`explain`); a bug stays as it is."""
+    try:
+        yield
+    except Exception as e:
+        line = explain(e, doing=doing, endpoint=endpoint, where=where)
+        if line is None:
+            raise
+        raise line from None
+
+
 def _token_source() -> str:
     if os.environ.get('HF_TOKEN') or os.environ.get('HUGGING_FACE_HUB_TOKEN'):
         return 'HF_TOKEN'
@@ -199,14 +211,8 @@ def login(endpoint: str, where: str, token: str | None = None, *, publishing: st
         raise HubError(f'no Hugging Face token to publish {publishing} on {endpoint}: {LOGIN_HINT}, then run '
                        f'the command again; {where}')
     api = HfApi(endpoint=endpoint, token=token)
-    try:
+    with _explained(f'check the token (from {_token_source()}) for {publishing}', endpoint, where):
         me = api.whoami()
-    except Exception as e:
-        line = explain(e, doing=f'check the token (from {_token_source()}) for {publishing}', endpoint=endpoint,
-                       where=where)
-        if line is None:
-            raise
-        raise line from None
     return api, me.get('name')
 
 
@@ -215,19 +221,13 @@ def push(api, folder: Path, repo_id: str, repo_type: str, files: list[str], *, e
     """Create (or reuse) ``repo_id`` and upload ``files`` (paths relative to ``folder``) in one
     commit; returns the repository's URL."""
     kind = KINDS[repo_type]
-    doing = f'create the {kind} {repo_id}'
-    try:
-        extra = {'space_sdk': 'gradio'} if repo_type == 'space' else {}
+    extra = {'space_sdk': 'gradio'} if repo_type == 'space' else {}
+    with _explained(f'create the {kind} {repo_id}', endpoint, where):
         # private=None, not False: without --private the namespace's default visibility applies
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private or None, **extra)
-        doing = f'upload {len(files)} files to the {kind} {repo_id}'
+    with _explained(f'upload {len(files)} files to the {kind} {repo_id}', endpoint, where):
         api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder),
                           allow_patterns=list(files), commit_message=message)
-    except Exception as e:
-        line = explain(e, doing=doing, endpoint=endpoint, where=where)
-        if line is None:
-            raise
-        raise line from None
     return f'{endpoint}/{"spaces/" if repo_type == "space" else ""}{repo_id}'  # the repository's URL
 
 
