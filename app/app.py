@@ -81,18 +81,14 @@ def uploaded_file(payload) -> tuple[str | bytes | None, str]:
 def example_dirs(predictor: Predictor | None, root: Path = HERE.parent) -> list[Path]:
     """Where the served model's example images are: beside app.py (a Space), else the converted
     dataset whose classes are the model's (``data_beton/<dataset>/examples``, the converter's)."""
-    if predictor is None:
-        return [SPACE_EXAMPLES]
-    return [SPACE_EXAMPLES] + [d / 'examples' for d in dataset_folders(root, predictor.class_names)]
+    folders = dataset_folders(root, predictor.class_names) if predictor is not None else []
+    return [SPACE_EXAMPLES] + [d / 'examples' for d in folders]
 
 
 def find_examples(dirs, limit: int = 12) -> list[str]:
     """The PNGs of the first folder in ``dirs`` that has any."""
-    for d in dirs:
-        files = sorted(Path(d).glob('*.png'))
-        if files:
-            return [str(f) for f in files[:limit]]
-    return []
+    files = next((found for d in dirs if (found := sorted(Path(d).glob('*.png')))), [])
+    return [str(f) for f in files[:limit]]
 
 
 def model_panel(predictor: Predictor | None, problem: str | None = None) -> str:
@@ -154,7 +150,6 @@ def build_app(predictor: Predictor | None, *, problem: str | None = None,
                         f'training images were.')
         else:
             gr.Markdown(f'# {title}')
-        if predictor is None:
             gr.Markdown(f'> **No trained model found.** {problem or NO_CHECKPOINT_MESSAGE}',
                         elem_id='no-model')
         with gr.Row():

@@ -33,6 +33,7 @@ Measured figures: docs/BENCHMARKS.md "Export / ONNX".
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -146,10 +147,9 @@ def model_example_dirs(ckpt: dict) -> list[Path]:
 def verification_images(dirs, count: int = 16, size: int = 32) -> tuple[list, str]:
     """Real test images of the model's dataset (the converter's ``examples/*.png``) if there are
     any, else ``count`` synthetic ``size`` x ``size`` ones (seeded)."""
-    for d in dirs:
-        found = sorted(Path(d).glob('*.png'))
-        if found:
-            return found, str(d)
+    found = next(((f, str(d)) for d in dirs if (f := sorted(Path(d).glob('*.png')))), None)
+    if found:
+        return found
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)], 'synthetic'
 
@@ -272,6 +272,22 @@ def _staging_dir(out: Path) -> Path:
     return stage
 
 
+@contextlib.contextmanager
+def _staged(out: Path, manifest: dict, *, force: bool = False):
+    """A staging folder for ``out`` (:func:`_staging_dir`). When the block ends without an error,
+    ``manifest`` gets the file list and is written as ``export.json`` and the folder is
+    published (:func:`_publish`); on any error the staging folder is removed."""
+    stage = _staging_dir(out)
+    try:
+        yield stage
+        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file()] + [MANIFEST])
+        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+        _publish(stage, out, force=force)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool = False,
            fp16: bool = False, space: bool = False, int8: bool = False,
            data_dir: str | os.PathLike | None = None, example_dirs=None,
@@ -294,10 +310,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
         except QuantizeError as e:
             raise ExportError(str(e)) from None
     onnx = onnx or int8
-    stage = _staging_dir(out)
-    try:
-        manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'int8': int8, 'onnx': onnx, 'space': space,
-                          'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}
+    manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'int8': int8, 'onnx': onnx, 'space': space,
+                      'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}
+    with _staged(out, manifest, force=force) as stage:
         if not (space and onnx):  # a torch-free Space never reads model.pt: don't ship 45 MB
             atomic_save(ckpt, stage / 'model.pt')
             log(f'model.pt: inference-only checkpoint, {(stage / "model.pt").stat().st_size / 2**20:.1f} MiB'
@@ -326,13 +341,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, onnx: bool 
             backend = 'onnx' if onnx else 'torch'
             _stage_space(stage, ckpt, backend, [p for p in images if isinstance(p, Path)][:12], hub_model)
             log(f'Space folder ({backend} backend): run it with `cd {out} && python app.py`')
-        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*')
-                                    if p.is_file()] + [MANIFEST])
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
-        _publish(stage, out, force=force)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     top = sorted({f.split('/')[0] + ('/' if '/' in f else '') for f in manifest['files']})
     log(f'wrote {out}/ ({", ".join(top)})')
     return manifest

@@ -27,9 +27,9 @@ in one line (``HubError``, exit 2 through ``scripts/_cli``) naming the repositor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -43,8 +43,8 @@ from model.fileio import atomic_write, atomic_write_text
 from model.modelfile import CONFIG_NAME, WEIGHTS_NAME, load_model_folder, load_model_file, save_model_folder
 from model.project import PROJECT_ROOT as ROOT
 
-from .export import (MANIFEST, ExportError, _publish, _staging_dir, export, model_example_dirs, onnx_bytes,
-                     verification_images, verify_onnx)
+from .export import (MANIFEST, ExportError, _staged, export, model_example_dirs, onnx_bytes, verification_images,
+                     verify_onnx)
 from .modelcard import model_card, read_run
 from .predictor import Predictor
 
@@ -91,8 +91,8 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     ckpt = slim_checkpoint(load_model_file(checkpoint), fp16=fp16)
     model = model_from_checkpoint(ckpt, what=str(checkpoint))  # fits its metadata, before any work
-    stage = _staging_dir(out)
-    try:
+    manifest: dict = {}  # filled once the files are checked, written and published by _staged
+    with _staged(out, manifest, force=force) as stage:
         save_model_folder(ckpt, stage)
         images, source = verification_images(model_example_dirs(ckpt) if example_dirs is None else example_dirs,
                                              size=ckpt['image_size'])
@@ -107,8 +107,8 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         log(f'{WEIGHTS_NAME}: {(stage / WEIGHTS_NAME).stat().st_size / 2**20:.1f} MiB'
             f'{" (float16 weights)" if fp16 else ""}; with {CONFIG_NAME}, the same logits as the checkpoint '
             f'on {len(x)} images')
-        manifest: dict = {'source': str(checkpoint), 'fp16': fp16, 'repo_id': repo_id,
-                          'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}
+        manifest.update({'source': str(checkpoint), 'fp16': fp16, 'repo_id': repo_id,
+                         'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')})
         if onnx_file is not None:
             atomic_write(stage / 'model.onnx', lambda f: f.write(Path(onnx_file).read_bytes()))
             manifest['onnx'] = f'copied from {onnx_file} (verified there)'
@@ -121,12 +121,6 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         card = model_card(ckpt, run, repo_id, files=MODEL_REPO_FILES, parameters=count_parameters(model))
         atomic_write_text(stage / 'README.md', card)
         manifest['run'] = str(run.folder) if run.folder is not None else None
-        manifest['files'] = sorted([str(p.relative_to(stage)) for p in stage.rglob('*') if p.is_file()] + [MANIFEST])
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + '\n')
-        _publish(stage, out, force=force)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log(f'wrote {out}/ ({", ".join(manifest["files"])})')
     return manifest
 
@@ -136,16 +130,10 @@ def export_model_repo(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
 def _endpoint(endpoint: str | None) -> str:
     """The Hub's address: ``endpoint``, else ``HF_ENDPOINT`` as it is now (huggingface_hub reads it
     once, at import), else huggingface_hub's default."""
-    if endpoint:
-        return endpoint.rstrip('/')
-    if os.environ.get('HF_ENDPOINT'):
-        return os.environ['HF_ENDPOINT'].rstrip('/')
-    from huggingface_hub import constants
-    return constants.ENDPOINT.rstrip('/')
-
-
-def repo_url(endpoint: str, repo_id: str, repo_type: str) -> str:
-    return f'{endpoint}/{"spaces/" if repo_type == "space" else ""}{repo_id}'
+    if not endpoint:
+        from huggingface_hub import constants
+        endpoint = os.environ.get('HF_ENDPOINT') or constants.ENDPOINT
+    return endpoint.rstrip('/')
 
 
 def _chain(e: BaseException):
@@ -171,10 +159,8 @@ def _status(e: BaseException) -> tuple[int, str] | None:
         return None
     message = getattr(e, 'server_message', None) or ''
     if not message:
-        try:
+        with contextlib.suppress(Exception):  # a body that is not JSON: the status line says enough
             message = str(e.response.json().get('error', ''))
-        except Exception:  # a body that is not JSON: the status line says enough
-            message = ''
     return e.response.status_code, ' '.join(message.split())[:300]
 
 
@@ -198,6 +184,18 @@ def explain(e: BaseException, *, doing: str, endpoint: str, where: str) -> HubEr
     return None
 
 
+@contextlib.contextmanager
+def _explained(doing: str, endpoint: str, where: str):
+    """A failed Hub call in the block becomes its one line (:func:`explain`); a bug stays as it is."""
+    try:
+        yield
+    except Exception as e:
+        line = explain(e, doing=doing, endpoint=endpoint, where=where)
+        if line is None:
+            raise
+        raise line from None
+
+
 def _token_source() -> str:
     if os.environ.get('HF_TOKEN') or os.environ.get('HUGGING_FACE_HUB_TOKEN'):
         return 'HF_TOKEN'
@@ -213,14 +211,8 @@ def login(endpoint: str, where: str, token: str | None = None, *, publishing: st
         raise HubError(f'no Hugging Face token to publish {publishing} on {endpoint}: {LOGIN_HINT}, then run '
                        f'the command again; {where}')
     api = HfApi(endpoint=endpoint, token=token)
-    try:
+    with _explained(f'check the token (from {_token_source()}) for {publishing}', endpoint, where):
         me = api.whoami()
-    except Exception as e:
-        line = explain(e, doing=f'check the token (from {_token_source()}) for {publishing}', endpoint=endpoint,
-                       where=where)
-        if line is None:
-            raise
-        raise line from None
     return api, me.get('name')
 
 
@@ -229,24 +221,14 @@ def push(api, folder: Path, repo_id: str, repo_type: str, files: list[str], *, e
     """Create (or reuse) ``repo_id`` and upload ``files`` (paths relative to ``folder``) in one
     commit; returns the repository's URL."""
     kind = KINDS[repo_type]
-    doing = f'create the {kind} {repo_id}'
-    try:
-        extra = {'space_sdk': 'gradio'} if repo_type == 'space' else {}
+    extra = {'space_sdk': 'gradio'} if repo_type == 'space' else {}
+    with _explained(f'create the {kind} {repo_id}', endpoint, where):
         # private=None, not False: without --private the namespace's default visibility applies
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private or None, **extra)
-        doing = f'upload {len(files)} files to the {kind} {repo_id}'
+    with _explained(f'upload {len(files)} files to the {kind} {repo_id}', endpoint, where):
         api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder),
                           allow_patterns=list(files), commit_message=message)
-    except Exception as e:
-        line = explain(e, doing=doing, endpoint=endpoint, where=where)
-        if line is None:
-            raise
-        raise line from None
-    return repo_url(endpoint, repo_id, repo_type)
-
-
-def _listed_files(folder: Path) -> list[str]:
-    return json.loads((folder / MANIFEST).read_text())['files']
+    return f'{endpoint}/{"spaces/" if repo_type == "space" else ""}{repo_id}'  # the repository's URL
 
 
 def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: str | None = None,
@@ -291,7 +273,7 @@ def publish(checkpoint: str | os.PathLike, *, space: str | None = None, model: s
         if not repo_id:
             continue
         folder = folders[repo_type]
-        files = _listed_files(folder)
+        files = json.loads((folder / MANIFEST).read_text())['files']  # what the export wrote
         size = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
         log(f'uploading {len(files)} files ({size / 2**20:.1f} MiB) from {folder} to the {KINDS[repo_type]} {repo_id}')
         uploaded = ' and '.join(f'the {KINDS[k]} {urls[k]}' for k in urls)

@@ -148,8 +148,7 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
             arr = arr * 255
         arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
         return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), 'L').convert('RGB')
-    has_alpha = mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
-    if has_alpha:
+    if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:  # has alpha
         rgba = img.convert('RGBA')
         if rgba.getextrema()[3][0] < 255:  # some pixel is (partly) transparent
             white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))

@@ -83,12 +83,9 @@ def _app_process(checkpoint, host, port, timeout, env, app_file, args, log):
                         yield None
                         return
                     raise RuntimeError(f'app exited with code {proc.returncode}:\n{output[-3000:]}')
-                try:
-                    with urllib.request.urlopen(url + '/', timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError), urllib.request.urlopen(url + '/', timeout=2) as r:
+                    if r.status == 200:
+                        break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f'app did not answer at {url} within {timeout:.0f} s')
                 time.sleep(0.25)
@@ -130,12 +127,10 @@ def default_images(out_dir: Path, count: int = 8) -> list[str]:
     from PIL import Image
     rng = np.random.default_rng(0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        p = out_dir / f'synthetic_{i}.png'
+    paths = [out_dir / f'synthetic_{i}.png' for i in range(count)]
+    for p in paths:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+    return [str(p) for p in paths]
 
 
 def _failure(result) -> str | None:

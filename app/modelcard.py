@@ -13,6 +13,7 @@ nothing is re-measured here. Standard library and PyYAML only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,10 +45,9 @@ class RunInfo:
 
 
 def _read_json(path: Path):
-    try:
+    with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return None
 
 
 def read_run(checkpoint: str | os.PathLike, ckpt: dict) -> RunInfo:
@@ -57,10 +57,8 @@ def read_run(checkpoint: str | os.PathLike, ckpt: dict) -> RunInfo:
     folder = path if path.is_dir() else path.parent
     info = RunInfo(folder=folder if (folder / 'summary.json').is_file() else None)
     info.summary = _read_json(folder / 'summary.json')
-    try:
+    with contextlib.suppress(OSError, ValueError):  # else none (RunInfo's default)
         info.records = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        info.records = []
     test_path = ((ckpt.get('config') or {}).get('data') or {}).get('test_path')
     if test_path:
         info.manifest = _read_json(Path(test_path).parent / 'manifest.json')

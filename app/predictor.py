@@ -19,6 +19,7 @@ Speed (2-core Xeon, idle, ResNet-18 width 64, one 32x32 PNG, in process): torch 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import threading
@@ -65,20 +66,12 @@ def backend_for(path: str | os.PathLike, backend: str | None = None) -> str:
 def load_backend(model_file: str | os.PathLike | dict, backend: str | None = None, **options):
     """The backend object for ``model_file``; imports torch or onnxruntime only now."""
     kind = 'torch' if isinstance(model_file, dict) else backend_for(model_file, backend)
+    name = f'{kind}_backend'  # app.<kind>_backend, or <kind>_backend in a flat Space folder
     try:
-        if kind == 'onnx':
-            try:
-                from .onnx_backend import OnnxBackend as Backend
-            except ImportError:
-                from onnx_backend import OnnxBackend as Backend
-        else:
-            try:
-                from .torch_backend import TorchBackend as Backend
-            except ImportError:
-                from torch_backend import TorchBackend as Backend
+        module = importlib.import_module(f'{__package__}.{name}' if __package__ else name)
     except ImportError as e:  # e.g. a torch-free Space given a .pt file
         raise ModelFileError(f'{model_file}: the {kind} backend is not installed ({e})') from None
-    return Backend(model_file, **options)
+    return getattr(module, 'OnnxBackend' if kind == 'onnx' else 'TorchBackend')(model_file, **options)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -141,8 +134,7 @@ class Predictor:
         meta = self.meta = self.backend.meta
         self.class_names: list[str] = list(meta.class_names)
         self.coarse_names: list[str] | None = meta.coarse_names
-        f2c = meta.fine_to_coarse
-        self.fine_to_coarse = np.asarray(f2c, dtype=np.int64) if f2c is not None else None
+        self.fine_to_coarse = None if meta.fine_to_coarse is None else np.asarray(meta.fine_to_coarse, dtype=np.int64)
         self.mean, self.std = list(meta.normalization['mean']), list(meta.normalization['std'])
         self.scale = meta.normalization.get('scale', 255)
         self.image_size = meta.image_size  # images are prepared at the size the model trained on
@@ -157,16 +149,13 @@ class Predictor:
     def preprocess(self, images: Iterable[Any], names: Sequence[str | None] | None = None
                    ) -> tuple[np.ndarray, list[list[str]]]:
         """Images -> (normalized N x 3 x S x S float32 batch at the model's size, notes per image)."""
-        arrays, notes = [], []
         images = list(images)
         names = list(names) if names is not None else [None] * len(images)
-        for img, name in zip(images, names):
-            a, n = prepare_image(img, size=self.image_size, name=name)
-            arrays.append(a)
-            notes.append(n)
-        if not arrays:
+        prepared = [prepare_image(img, size=self.image_size, name=name) for img, name in zip(images, names)]
+        if not prepared:
             raise ImageError('no images given')
-        return normalize(np.stack(arrays), self.mean, self.std, self.scale), notes
+        arrays, notes = zip(*prepared)
+        return normalize(np.stack(arrays), self.mean, self.std, self.scale), list(notes)
 
     def predict(self, image: Any, topk: int | None = None, *, name: str | None = None) -> Prediction:
         """One image (path, bytes, PIL image or numpy array) -> :class:`Prediction`."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 def environment(device) -> dict:
     """What a measurement ran on, for every result file of the lab (one definition)."""
+    import contextlib
     import platform
     import sys
     import time
@@ -29,10 +30,8 @@ def environment(device) -> dict:
         except PackageNotFoundError:  # the offline GPU host's kit lacks some metadata
             return None
     cpu = platform.processor()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
     device = torch.device(device)
     return {'device': device_name(device), 'cpu': cpu, 'cores': usable_cores(),
             'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,

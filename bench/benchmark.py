@@ -104,11 +104,11 @@ def time_epochs(epoch: Callable[[int], Iterable], epochs: int, device: torch.dev
 class Bench:
     def __init__(self, s: Settings):
         self.s = s
-        self.cfg = load_config(s.config, [*s.overrides, f'training.device={s.device}'])
+        self.cfg = self.config()
         # what the data files hold decides the head, the image size and the augmentation sizes
         self.ds, (self.train_path, _), _ = dataset_files(self.cfg.data, ROOT)
         self.cfg = with_values(self.cfg, {'model.num_classes': self.ds.num_classes,
-                                          **self.augment_values()})
+                                          **{f'augment.{k}': v for k, v in self.augment().items()}})
         self.dev = resolve_device(self.cfg.training.device)
         self.dtype = resolve_precision(self.cfg.training.precision, self.dev)
         self.cuda = self.dev.type == 'cuda'
@@ -116,9 +116,6 @@ class Bench:
 
     def augment(self) -> dict:
         return settings(self.cfg.augment, self.ds.image_size)
-
-    def augment_values(self) -> dict:
-        return {f'augment.{k}': v for k, v in self.augment().items()}
 
     def config(self, *extra: str):
         return load_config(self.s.config, [*self.s.overrides, f'training.device={self.s.device}', *extra])
@@ -237,12 +234,6 @@ class _Slowed:
         for batch in self.loader.epoch(epoch):
             time.sleep(self.delay_s)
             yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def close(self) -> None:
-        self.loader.close()
 
 
 class _PilDataset(torch.utils.data.Dataset):

@@ -104,6 +104,10 @@ def _mean_std(xs: list[float]) -> dict:
             'n': len(xs)} if xs else {'mean': None, 'std': None, 'n': 0}
 
 
+def _span(xs: list[float]) -> dict | None:
+    return {'mean': statistics.fmean(xs), 'min': min(xs), 'max': max(xs)} if xs else None
+
+
 def aggregate(runs: list[dict], target: float) -> list[dict]:
     """Per recipe: the figures of the table."""
     rows = []
@@ -117,9 +121,7 @@ def aggregate(runs: list[dict], target: float) -> list[dict]:
         rows.append({
             'recipe': key, 'label': label(key), 'runs': len(group), 'failed': len(group) - len(ok),
             'reached_target': len(tt), 'target_top1': target,
-            'time_to_target_s': {'mean': statistics.fmean(tt), 'min': min(tt), 'max': max(tt)} if tt else None,
-            'train_seconds_to_target': ({'mean': statistics.fmean(tt_train), 'min': min(tt_train),
-                                         'max': max(tt_train)} if tt_train else None),
+            'time_to_target_s': _span(tt), 'train_seconds_to_target': _span(tt_train),
             'time_budget': ({k: round(statistics.fmean(b[k] for b in budgets), 3) for k in budgets[0]}
                             if budgets else None),  # mean seconds per span
             'final_top1': _mean_std([r['final_top1'] for r in ok if r.get('final_top1') is not None]),

@@ -83,20 +83,14 @@ class SweepPlan:
     skip: list[str] = field(default_factory=list)  # lever names left out
     out: Path = ROOT / 'sweep_out'
 
-    def speedrun_plan(self) -> Plan:
-        return Plan(config=self.config, overrides=self.overrides, runs=1, out=self.out)
-
 
 def _epochs(recipe: list[str], default: int) -> int:
-    for o in recipe:
-        if o.startswith('training.epochs='):
-            return int(o.split('=', 1)[1])
-    return default
+    return next((int(o.split('=', 1)[1]) for o in recipe if o.startswith('training.epochs=')), default)
 
 
 def per_epoch_seconds(run: dict) -> float | None:
     """Median (train + evaluation) seconds of the epochs after the first (JIT and cuDNN tuning)."""
-    recs = [r for r in read_jsonl(Path(run['run_dir']) / 'metrics.jsonl')][1:]
+    recs = list(read_jsonl(Path(run['run_dir']) / 'metrics.jsonl'))[1:]
     return statistics.median(r['epoch_seconds'] + r['eval_seconds'] for r in recs) if recs else None
 
 
@@ -106,8 +100,7 @@ def predicted_seconds(run: dict, epochs: int) -> float | None:
     pe = per_epoch_seconds(run)
     if pe is None or 'failed' in run:
         return None
-    fixed = run['process_seconds'] - run['epochs'] * pe
-    return fixed + epochs * pe
+    return run['process_seconds'] - run['epochs'] * pe + epochs * pe  # fixed cost + per-epoch seconds
 
 
 def base_top1(epochs: int, points: list[tuple[int, float]]) -> float:
@@ -123,12 +116,10 @@ def choose_final(result: dict, plan: SweepPlan, target: float) -> dict:
     """The final recipe from the lever measurements (see the module docstring)."""
     by = {r['stage']: r for r in result['runs'] if 'failed' not in r}
     base = by.get('base@E')
-    chosen, keys, gains = [], set(), {}
+    chosen, keys = [], set()
+    gains = {n: by[n]['final_top1'] - base['final_top1'] for n in LEVERS
+             if base and n in by and by[n].get('final_top1') is not None}
     if base:
-        for name in LEVERS:
-            r = by.get(name)
-            if r and r.get('final_top1') is not None:
-                gains[name] = r['final_top1'] - base['final_top1']
         for name in sorted(gains, key=gains.get, reverse=True):
             k = {o.split('=')[0] for o in LEVERS[name]}
             if gains[name] >= plan.min_gain and not k & keys:
@@ -139,14 +130,9 @@ def choose_final(result: dict, plan: SweepPlan, target: float) -> dict:
     predicted = {e: base_top1(e, points) + gain for e in plan.final_epochs} if points else {}
     ok = [e for e in sorted(predicted) if predicted[e] >= target + plan.margin]
     epochs = ok[0] if ok else (by['baseline']['epochs'] if 'baseline' in by else max(plan.final_epochs))
-    speed, speed_s = [], {}
     base_s = predicted_seconds(base, epochs) if base else None
-    for name in SPEED_LEVERS:
-        r = by.get(name)
-        s = predicted_seconds(r, epochs) if r else None
-        speed_s[name] = s
-        if s is not None and base_s is not None and s < base_s:
-            speed.append(name)
+    speed_s = {n: predicted_seconds(by[n], epochs) if n in by else None for n in SPEED_LEVERS}
+    speed = [n for n, s in speed_s.items() if s is not None and base_s is not None and s < base_s]
     if 'cuda_graph' in speed and 'compile' in speed:  # the config refuses both: keep the faster
         speed.remove(max(('cuda_graph', 'compile'), key=lambda n: speed_s[n]))
     accuracy = [o for n in chosen for o in LEVERS[n]]
@@ -173,7 +159,7 @@ def sweep(plan: SweepPlan, log=print) -> dict:
                if n not in plan.skip]
     for _, recipe in stages:
         load_config(plan.config, [*plan.overrides, *recipe])
-    sp = plan.speedrun_plan()
+    sp = Plan(config=plan.config, overrides=plan.overrides, runs=1, out=plan.out)
     check_writable_dir(plan.out / 'runs')  # before the first run, not after it (as speedrun)
     # torch.compile's caches (inductor's FX graph and kernel caches) in one place: the warm-up run
     # fills them, the measured run reads them, as a user's second run would
@@ -199,8 +185,7 @@ def sweep(plan: SweepPlan, log=print) -> dict:
         return max(s0 + (s1 - s0) * (e - e0) / (e1 - e0), 1.0)
 
     def fits(recipe: list[str], reserve: float = 0.0) -> bool:
-        used = time.perf_counter() - t0
-        return used + cost(recipe) + reserve <= plan.budget_s
+        return time.perf_counter() - t0 + cost(recipe) + reserve <= plan.budget_s
 
     def go(stage: str, recipe: list[str], seed: int = 0, warmup: bool = False) -> dict:
         log(f'[{time.perf_counter() - t0:5.0f} s] {stage}{" (cache warm-up)" if warmup else ""}: '
