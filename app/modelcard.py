@@ -123,6 +123,19 @@ def card_metadata(ckpt: dict, run: RunInfo, repo_id: str, *, license: str | None
     return meta
 
 
+def _optimizer(t: dict) -> str:
+    """``training.optimizer`` (``training/optim.py``: older configs have none and are SGD) in words."""
+    sgd = (f'SGD{" (Nesterov)" if t.get("nesterov") else ""} momentum {t.get("momentum")}, peak LR {t.get("lr")}, '
+           f'weight decay {t.get("weight_decay")}')
+    name = t.get('optimizer', 'sgd')
+    if name == 'adamw':
+        return f'AdamW (betas {t.get("adam_betas")}), peak LR {t.get("lr")}, weight decay {t.get("weight_decay")}'
+    if name == 'muon':
+        return (f'Muon for the hidden conv weights (peak LR {t.get("muon_lr")}, momentum {t.get("muon_momentum")}, '
+                f'weight decay {t.get("muon_weight_decay")}) and {sgd} for the rest')
+    return sgd if name == 'sgd' else f'{name}, peak LR {t.get("lr")}'
+
+
 def _training_rows(ckpt: dict, run: RunInfo) -> list[tuple[str, str]]:
     cfg, s = ckpt.get('config') or {}, run.summary or {}
     t, d, a = cfg.get('training') or {}, cfg.get('data') or {}, cfg.get('augment') or {}
@@ -130,10 +143,9 @@ def _training_rows(ckpt: dict, run: RunInfo) -> list[tuple[str, str]]:
     if s.get('config'):
         rows.append(('config', f'`{s["config"]}` (the resolved config rides in config.json)'))
     if t:
-        rows.append(('recipe', f'{t.get("epochs")} epochs, batch {d.get("batch_size")}, SGD'
-                               f'{" (Nesterov)" if t.get("nesterov") else ""} momentum {t.get("momentum")}, '
-                               f'peak LR {t.get("lr")} ({t.get("warmup_epochs")} warm-up epochs, '
-                               f'{t.get("lr_schedule")} schedule), weight decay {t.get("weight_decay")}, '
+        schedule = t.get('schedule') or t.get('lr_schedule')  # the key's name before training.schedule
+        rows.append(('recipe', f'{t.get("epochs")} epochs, batch {d.get("batch_size")}, {_optimizer(t)} '
+                               f'({t.get("warmup_epochs")} warm-up epochs, {schedule} schedule), '
                                f'label smoothing {t.get("label_smoothing")}'
                                + (f', EMA of the weights ({t["ema"]})' if t.get('ema') else '')))
     if a:

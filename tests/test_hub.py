@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -250,3 +251,24 @@ def test_saved_login_updates_existing_repos_and_bad_ids_stop_first(small_ckpt, h
         code, _, err = run_main('export', small_ckpt, '--push-to-hub', bad, '--out', tmp_path / 'nothing')
         assert code == 2 and len(err.splitlines()) == 1 and f'--push-to-hub {bad!r}' in err, err
         assert not (tmp_path / 'nothing').exists()
+
+
+@pytest.mark.parametrize('overrides, says', [
+    ([], ['SGD (Nesterov) momentum 0.9, peak LR 0.4', 'linear schedule']),
+    (['training.optimizer=adamw', 'training.lr=0.002', 'training.schedule=onecycle'],
+     ['AdamW (betas [0.9, 0.999]), peak LR 0.002', 'onecycle schedule']),
+    (['training.optimizer=muon', 'training.schedule=cosine'],
+     ['Muon for the hidden conv weights (peak LR 0.02, momentum 0.95', 'and SGD (Nesterov) momentum 0.9, peak LR 0.4',
+      'cosine schedule']),
+])
+def test_the_cards_recipe_names_the_runs_optimizer_and_schedule(overrides, says, tmp_path):
+    """The card's recipe line from the checkpoint's config as the trainer saves it: the optimizer
+    it trained with (not always SGD) and ``training.schedule`` (not the old ``lr_schedule``: every
+    card said 'None schedule')."""
+    from app.modelcard import RunInfo, model_card
+    from training.config import load_config, to_dict
+    ckpt = torch.load(make_test_checkpoint(tmp_path / 'm.pt'), weights_only=True)
+    ckpt['config'] = to_dict(load_config('rn18', overrides))
+    text = model_card(ckpt, RunInfo(), 'alice/m', files={})
+    recipe = next(line for line in text.splitlines() if 'recipe' in line)
+    assert all(s in recipe for s in says) and 'None' not in recipe, recipe
