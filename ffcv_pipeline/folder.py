@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .archive import DatasetError, Split, SourceData
-from .datasets import NAME_PATTERN, Dataset
+from .datasets import BUILTIN, NAME_PATTERN, Dataset
 from .writer import WriteResult, default_out, is_up_to_date, prepare_out_dir, write_outputs
 
 VAL_NAMES = ('val', 'validation', 'test')  # the held-out split's folder, beside train/
@@ -111,23 +111,21 @@ def scan(root: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0) -
         raise DatasetError(f'{root}: no such folder' if not root.exists() else f'{root}: not a folder')
     exts, ignored = image_extensions(), []
     val_dir = next((root / v for v in VAL_NAMES if (root / v).is_dir()), None)
-    if (root / 'train').is_dir():
-        train = _classes(root / 'train', exts, ignored, root)
-        if val_dir is not None:
-            val = _classes(val_dir, exts, ignored, root)
-            if set(train) != set(val):
-                only_t, only_v = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-                diff = '; '.join(f'only in {w}: {", ".join(n[:5])}{" ..." if len(n) > 5 else ""}'
-                                 for w, n in ((root / 'train', only_t), (val_dir, only_v)) if n)
-                raise DatasetError(f'{root}: train and {val_dir.name} hold different classes ({diff})')
-            names = tuple(sorted(train))
-            return FolderScan(names, [(p, i) for i, n in enumerate(names) for p in train[n]],
-                              [(p, i) for i, n in enumerate(names) for p in val[n]], 'train/val', ignored)
-        by_class = train
-    else:
-        by_class = _classes(root, exts, ignored, root)
-    if len(by_class) < 2:
-        raise DatasetError(f'{root}: one class folder ({next(iter(by_class))}); a classifier needs at least 2')
+    train_dir = root / 'train' if (root / 'train').is_dir() else None
+    by_class = _classes(train_dir or root, exts, ignored, root)
+    if len(by_class) < 2:  # either layout
+        raise DatasetError(f'{train_dir or root}: one class folder ({next(iter(by_class))}); a classifier needs '
+                           f'at least 2')
+    if train_dir is not None and val_dir is not None:
+        val = _classes(val_dir, exts, ignored, root)
+        if set(by_class) != set(val):
+            only_t, only_v = sorted(set(by_class) - set(val)), sorted(set(val) - set(by_class))
+            diff = '; '.join(f'only in {w}: {", ".join(n[:5])}{" ..." if len(n) > 5 else ""}'
+                             for w, n in ((train_dir, only_t), (val_dir, only_v)) if n)
+            raise DatasetError(f'{root}: train and {val_dir.name} hold different classes ({diff})')
+        names = tuple(sorted(by_class))
+        return FolderScan(names, [(p, i) for i, n in enumerate(names) for p in by_class[n]],
+                          [(p, i) for i, n in enumerate(names) for p in val[n]], 'train/val', ignored)
     if not 0 < val_fraction < 1:
         raise DatasetError(f'--val-fraction: must lie in (0, 1) to split {root} into train and test, '
                            f'got {val_fraction}')
@@ -255,6 +253,9 @@ def write_image_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
     name = name or default_name(folder)
     if not NAME_PATTERN.match(name):
         raise DatasetError(f'--name: {name!r} must be letters, digits, _ . - (at most 64)')
+    if name in BUILTIN:  # its folder holds (or will hold) the official conversion
+        raise DatasetError(f'--name: {name!r} is the built-in dataset\'s (data_beton/{name}/); give the images '
+                           f'of {folder} another --name')
     if not 8 <= size <= 1024:
         raise DatasetError(f'--size: must lie in [8, 1024] pixels, got {size}')
     found = scan(folder, val_fraction=val_fraction, seed=seed)
@@ -282,7 +283,8 @@ def write_image_folder(folder: str | os.PathLike, out_dir: str | os.PathLike | N
         images, ok = decode_images([p for p, _ in items], size, workers=workers, progress=progress,
                                    desc=f'decode {split} {size}x{size}', on_failure=failed)
         labels = np.array([label for _, label in items], np.int64)
-        splits[split] = Split(np.ascontiguousarray(images[ok]), labels[ok])
+        # a copy of the whole split only when an image was skipped
+        splits[split] = Split(images if ok.all() else np.ascontiguousarray(images[ok]), labels[ok])
         if not len(splits[split]):
             raise DatasetError(f'{folder}: no readable images for the {split} split')
     if failures:

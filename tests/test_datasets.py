@@ -242,7 +242,8 @@ def test_bad_images_are_named_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize('kind, expected', [
     ('empty class', 'no images in this class folder'), ('no classes', 'no class folders'),
     ('mixed', 'train and val hold different classes (only in'), ('one class', 'needs at least 2'),
-    ('missing', 'no such folder')])
+    ('one class in train/val', 'needs at least 2'),
+    ('a built-in name', "'cifar10' is the built-in dataset's"), ('missing', 'no such folder')])
 def test_image_folders_that_cannot_train_are_one_line(kind, expected, tmp_path):
     src = tmp_path / 'src'
     if kind == 'empty class':
@@ -256,6 +257,10 @@ def test_image_folders_that_cannot_train_are_one_line(kind, expected, tmp_path):
         shutil.rmtree(src / 'val' / 'emu')
     elif kind == 'one class':
         make_image_folder(src, classes=('cat',), per_class=3)
+    elif kind == 'one class in train/val':  # was a traceback after decoding every image
+        make_image_folder(src, classes=('cat',), per_class=2, layout='train/val', val_per_class=1)
+    elif kind == 'a built-in name':  # would have replaced the official conversion in data_beton/cifar10/
+        src = make_image_folder(tmp_path / 'cifar10', per_class=2)
     code, _, err = run_main('write_datasets', '--image-folder', src, '--out', tmp_path / 'out', '--quiet')
     line = one_line(err)
     assert code == 2 and expected in line, line

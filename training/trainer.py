@@ -316,8 +316,6 @@ class Trainer:
         raise TrainingInterrupted(self.run_dir.path / 'interrupted.pt')
 
 
-
-
 def train(config: str | None, overrides: list[str] | None = None, resume: str | None = None,
           log=print) -> dict:
     """Load the config (or the resumed checkpoint's) and run; returns the summary (rank 0)."""
