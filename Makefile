@@ -14,10 +14,14 @@ CONFIG ?= rn18.yaml
 CIFAR_SOURCE ?=
 IMAGE_FOLDER ?=
 SIZE ?= 32
-NAME ?= $(notdir $(abspath $(IMAGE_FOLDER)))
-# the dataset to convert and train: an image folder's NAME, else DATASET, else the config's own
-CONFIG_FILE = $(firstword $(wildcard $(CONFIG) configs/$(CONFIG) configs/$(CONFIG).yaml))
-DATASET ?= $(if $(IMAGE_FOLDER),$(NAME),$(shell awk '/^data:/{d=1;next} /^[^ \#]/{d=0} d && $$1=="dataset:"{print $$2; exit}' $(CONFIG_FILE) 2>/dev/null))
+NAME ?=
+# the dataset to convert and train: an image folder's NAME (default: the converter's own name for
+# the folder, asked once the set-up ran), else DATASET, else the config's data.dataset (read once;
+# a config that does not exist leaves it to train.py to say so)
+CONFIG_FILE := $(firstword $(wildcard $(CONFIG) configs/$(CONFIG) configs/$(CONFIG).yaml))
+CONFIG_DATASET := $(if $(CONFIG_FILE),$(shell awk '/^data:/{d=1;next} /^[^ \#]/{d=0} d && $$1=="dataset:"{print $$2; exit}' $(CONFIG_FILE) </dev/null 2>/dev/null))
+FOLDER_NAME = $(or $(NAME),$(shell $(PY) -c 'import sys; from pathlib import Path; from ffcv_pipeline.folder import default_name; print(default_name(Path(sys.argv[1])))' "$(IMAGE_FOLDER)"))
+DATASET ?= $(if $(IMAGE_FOLDER),$(FOLDER_NAME),$(CONFIG_DATASET))
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 export VENV
@@ -30,7 +34,7 @@ setup:
 
 data: setup
 ifneq ($(IMAGE_FOLDER),)
-	$(PY) scripts/write_datasets.py --image-folder "$(IMAGE_FOLDER)" --name "$(NAME)" --size $(SIZE)
+	$(PY) scripts/write_datasets.py --image-folder "$(IMAGE_FOLDER)" $(if $(NAME),--name "$(NAME)") --size $(SIZE)
 else
 	$(PY) scripts/write_datasets.py $(if $(DATASET),--dataset $(DATASET)) $(if $(CIFAR_SOURCE),--source "$(CIFAR_SOURCE)")
 endif

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CIFAR10, CIFAR100, as_cli, build_archive, build_cifar10_archive, cifar10_batch,
+from conftest import (CIFAR10, CIFAR100, ROOT, as_cli, build_archive, build_cifar10_archive, cifar10_batch,
                       make_image_folder, make_split, run_main, tiny)
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -505,3 +506,24 @@ def test_cifar100_real_archive_end_to_end(real_betons, tmp_path):
     got = serve_and_export(run, image, tmp_path, out.parent)
     assert got['prediction']['superclass'] is not None and got['predictor'].meta.title == 'CIFAR-100'
     assert len(got['predictor'].class_names) == 100
+
+
+def test_make_names_an_image_folder_as_the_converter_does_and_a_missing_config_does_not_hang(tmp_path):
+    """``make run IMAGE_FOLDER=DIR`` trains on the dataset the converter writes (its name for a
+    folder called ``cats+dogs.v2`` is ``cats_dogs.v2``; make passed the raw name, which
+    --name refuses); a CONFIG that does not exist leaves the error to train.py instead of awk
+    waiting on the terminal (stdin held open here, as a terminal does)."""
+    if shutil.which('make') is None:
+        pytest.skip('no make')
+    folder = tmp_path / 'cats+dogs.v2'
+    out = subprocess.run(['make', '-n', 'train', f'IMAGE_FOLDER={folder}'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert f'--image-folder "{folder}"  --size 32' in out and '--data.dataset cats_dogs.v2' in out, out
+    with open(tmp_path / 'out.txt', 'w') as f:
+        p = subprocess.Popen(['make', '-n', 'train', 'CONFIG=no-such-config.yaml'], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=f)
+        try:
+            p.wait(timeout=30)  # stdin stays open, unwritten
+        finally:
+            p.kill()
+    assert '--config no-such-config.yaml' in (tmp_path / 'out.txt').read_text()
