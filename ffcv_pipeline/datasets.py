@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Mapping
 
 from model.project import DATA_DIR  # noqa: F401  (standard library only) <root>/data_beton/<name>/
@@ -65,7 +64,9 @@ class Dataset:
     std: tuple[float, float, float]
     superclass_names: tuple[str, ...] | None = None  # optional label hierarchy
     superclass_of: tuple[int, ...] | None = None  # superclass_of[class] -> superclass index
-    split_sizes: Mapping[str, int] | None = None  # where fixed by the dataset (the official split)
+    # where fixed by the dataset (the official split); like how it is fetched, not part of what a
+    # dataset is: a built-in read back from a file equals the built-in (and hashes)
+    split_sizes: Mapping[str, int] | None = field(default=None, compare=False)
     hub_id: str | None = None  # the dataset's id on the Hugging Face Hub (a published model card names it)
     download: Download | None = field(default=None, compare=False)  # how to fetch it, or None
     layout: PickleLayout | None = field(default=None, compare=False)  # how its archive is read
@@ -81,9 +82,6 @@ class Dataset:
     def file(self, split: str, kind: str = 'beton') -> str:
         """File name of a split: ``<name>_<split>.beton`` or (``kind='npy'``) its uint8 arrays."""
         return f'{self.name}_{split}.{kind}'
-
-    def default_folder(self, root: str | Path) -> Path:
-        return Path(root) / DATA_DIR / self.name
 
     def to_dict(self) -> dict:
         """The JSON form (manifest.json, checkpoints, the ONNX metadata, config.json)."""

@@ -479,6 +479,16 @@ def test_an_old_manifest_reads_as_cifar100(synthetic_betons, tmp_path):
     assert code == 0 and 'CIFAR-100 (100 classes, 20 superclasses, 32x32)' in out, err
 
 
+def test_a_builtin_read_back_from_a_file_is_the_builtin():
+    """What a manifest or checkpoint holds (``to_dict``) reads back as the built-in itself: equal,
+    and usable as a dict key. Catches a field the files do not carry (split sizes) taking part in
+    equality: every CIFAR read back compared unequal to CIFAR, and no Dataset could be hashed."""
+    from ffcv_pipeline.datasets import BUILTIN, Dataset
+    for ds in BUILTIN.values():
+        back = Dataset.from_dict(ds.to_dict(), 'test')
+        assert back == ds and {ds: 1}[back] == 1 and back.download == ds.download
+
+
 def test_a_third_dataset_is_one_value(tmp_path):
     """What a new built-in in the CIFAR layout takes: one Dataset value (here CIFAR-100's
     superclasses as the labels, 20 classes); the reader, writer and trainer need nothing else."""
