@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ffcv_pipeline.augment import active, settings
-from ffcv_pipeline.data import build_data, dataset_files
+from ffcv_pipeline.data import build_data, dataset_files, resolved_values
 from model import build_model, use_channels_last
 
 from training.config import ROOT, load_config, with_values
@@ -107,15 +107,12 @@ class Bench:
         self.cfg = self.config()
         # what the data files hold decides the head, the image size and the augmentation sizes
         self.ds, (self.train_path, _), _ = dataset_files(self.cfg.data, ROOT)
-        self.cfg = with_values(self.cfg, {'model.num_classes': self.ds.num_classes,
-                                          **{f'augment.{k}': v for k, v in self.augment().items()}})
+        self.aug = settings(self.cfg.augment, self.ds.image_size)
+        self.cfg = with_values(self.cfg, resolved_values(self.ds, self.aug))
         self.dev = resolve_device(self.cfg.training.device)
         self.dtype = resolve_precision(self.cfg.training.precision, self.dev)
         self.cuda = self.dev.type == 'cuda'
         self.workers = workers_per_process(s.workers)
-
-    def augment(self) -> dict:
-        return settings(self.cfg.augment, self.ds.image_size)
 
     def config(self, *extra: str):
         return load_config(self.s.config, [*self.s.overrides, f'training.device={self.s.device}', *extra])
@@ -148,7 +145,7 @@ class Bench:
         idx = per_class_indices(arrays['label'], self.s.per_class)
         images, labels = (arrays['image'], arrays['label']) if idx is None else \
             (arrays['image'][idx], arrays['label'][idx])
-        aug, fill = self.augment(), fill_colour(ds.mean)
+        aug, fill = self.aug, fill_colour(ds.mean)
         stages = [o.torchvision(aug[o.name], ds.image_size, fill)
                   for o, _ in active(aug, ds.image_size, fill) if o.torchvision is not None]
         transform = T.Compose([*(t for kind, t in stages if kind == 'pil'), T.ToTensor(),
@@ -215,7 +212,7 @@ class Bench:
             state = AugmentationState(0)
             pipelines = train_pipeline(device=cpu, dtype=torch.float32, state=state, normalize=False,
                                        ffcv_builtin=name == 'ffcv_builtin', mean=self.ds.mean,
-                                       std=self.ds.std, image_size=self.ds.image_size, **self.augment())
+                                       std=self.ds.std, image_size=self.ds.image_size, **self.aug)
             loader = make_loader(self.train_path, batch_size=self.cfg.data.batch_size,
                                  num_workers=self.workers, order='quasi_random', os_cache=True,
                                  drop_last=True, state=state, pipelines=pipelines)

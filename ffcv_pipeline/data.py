@@ -243,9 +243,13 @@ def build_data(cfg, *, device: torch.device, dtype: torch.dtype, root: Path, wor
                                        dtype=torch.float32 if device.type == 'cpu' else dtype,
                                        batch_size=d.batch_size, channels_last=channels_last,
                                        mean=ds.mean, std=ds.std)
-    resolved = {'data.dataset': ds.name, 'model.num_classes': ds.num_classes,
-                **{f'augment.{k}': v for k, v in aug.items()}}
-    return TrainingData(train, test, ds, kind, notices, resolved, tuple(paths))
+    return TrainingData(train, test, ds, kind, notices, resolved_values(ds, aug), tuple(paths))
+
+
+def resolved_values(ds: Dataset, aug: dict) -> dict:
+    """The config values the data files decide (``null`` = auto in the config): the dataset, the
+    head's size and the augmentation sizes (``augment.settings``)."""
+    return {'data.dataset': ds.name, 'model.num_classes': ds.num_classes, **{f'augment.{k}': v for k, v in aug.items()}}
 
 
 def _ffcv_loaders(cfg, paths, aug, train_idx, test_idx, ds, *, device, dtype, workers, channels_last,
