@@ -214,6 +214,18 @@ def tiny(betons: Path, out: Path, **extra) -> list[str]:
     return [f'{k}={v}' for k, v in o.items()]
 
 
+def tv(betons: Path, out: Path, **extra) -> list[str]:
+    """:func:`tiny` with the torchvision loader (no FFCV JIT: seconds faster per run)."""
+    return tiny(betons, out, **{'data.loader': 'torchvision', **extra})
+
+
+def one_line(err: str) -> str:
+    """A user error as the CLI prints it: exactly one line, ``error: ...``; that line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    return lines[0]
+
+
 def as_cli(overrides: list[str]) -> list[str]:
     return [f'--{o}' for o in overrides]
 

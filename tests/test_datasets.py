@@ -18,15 +18,9 @@ import torch
 from PIL import Image
 
 from conftest import (CIFAR10, CIFAR100, ROOT, as_cli, build_archive, build_cifar10_archive, cifar10_batch,
-                      make_image_folder, make_split, run_main, tiny)
+                      make_image_folder, make_split, one_line, run_main, tiny)
 
 QUIET = dict(progress=False, log=lambda *_: None)
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), err
-    return lines[0]
 
 
 def train_run(train: Path, test: Path, out: Path, **extra):

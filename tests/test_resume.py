@@ -18,11 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, as_cli, run_main, same_weights, tiny
-
-
-def tv(betons, out, **extra):
-    return tiny(betons, out, **{'data.loader': 'torchvision', **extra})
+from conftest import PY, ROOT, as_cli, run_main, same_weights, tiny, tv
 
 
 def lines(path: Path) -> list[str]:

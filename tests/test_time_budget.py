@@ -12,11 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import PY, ROOT, as_cli, same_weights, tiny
-
-
-def tv(betons, out, **extra):
-    return tiny(betons, out, **{'data.loader': 'torchvision', **extra})
+from conftest import PY, ROOT, as_cli, same_weights, tiny, tv
 
 
 def test_budget_spans_sum_to_the_process_wall_clock(synthetic_betons, tmp_path):

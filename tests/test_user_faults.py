@@ -16,14 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, _tmpfs, as_cli, build_archive, make_split, run_main, tiny
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith('error: '), err
-    return lines[0]
+from conftest import PY, ROOT, _tmpfs, as_cli, build_archive, make_split, one_line, run_main, tiny
 
 
 def children(pid: int) -> list[int]:

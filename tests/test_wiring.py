@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import tiny, tv
 
 QUIET = dict(log=lambda *_: None)
-
-
-def tv(betons, out, **extra):
-    return tiny(betons, out, **{'data.loader': 'torchvision', **extra})
 
 
 class Recorder:
