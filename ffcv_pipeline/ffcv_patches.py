@@ -233,7 +233,9 @@ def eager_optimizer(cls: type, *args, **kwargs):
     ``torch._compile._disable_dynamo``, which caches ``torch._dynamo.disable(fn)`` as
     ``fn.__dynamo_disable``. Nothing is traced in an eager run, so those caches hold the functions
     themselves, and this optimizer's ``step`` is the undecorated one under ``torch.no_grad()``
-    (what the decorator does, less the graph breaks and the profiler-hook wrapper). Written
+    (what the decorator does, less the graph breaks and the profiler-hook wrapper -- so optimizer
+    step pre/post hooks, global or registered on this optimizer, do not run: nothing here
+    registers any; a caller that does builds its optimizer with ``eager=False``). Written
     against torch 2.11-2.14; :func:`check_torch` reads the wrappers it relies on, and
     tests/test_time_budget.py checks that training steps import no ``torch._dynamo``. Not for ``training.compile``."""
     import sys
